@@ -1,0 +1,1 @@
+//! CAVI operator (being written).

@@ -1,1 +1,19 @@
-fn main() {}
+//! `kvstore-api <SHARD> <CONFIG>`: parse, set up logging, serve.
+
+use clap::Parser;
+
+use cavi_node::cli::{Args, init_tracing, run};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("kvstore-api: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Command line of `kvstore-api`: the seed's `<SHARD_ID> <CONFIG>` plus
+//! flags (each with an env var) for Kubernetes and for the limits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::ClusterConfig;
+use crate::dispatch::Node;
+use crate::server::{serve, shutdown_signal};
+use crate::settings::Settings;
+use crate::store::MemoryStore;
+
+#[derive(Debug, Parser)]
+#[command(name = "kvstore-api", version, about = "A CAVI node: serves one shard of the key space and forwards the rest")]
+pub struct Args {
+    /// Which shard to serve: its id, `all` (every shard of the config in
+    /// this one process, for a laptop), or `from-hostname` (the trailing
+    /// ordinal of the host name, `demo-2` → 2, for StatefulSet pods).
+    #[arg(env = "CAVI_SHARD")]
+    pub shard: ShardSelector,
+
+    /// Path of the cluster config file (YAML).
+    #[arg(env = "CAVI_CONFIG")]
+    pub config: PathBuf,
+
+    /// Address to listen on. Default: the shard's `addr` when it is an IP,
+    /// `0.0.0.0:<port>` when it is a DNS name.
+    #[arg(long, env = "CAVI_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Longest key accepted, in bytes.
+    #[arg(long, env = "CAVI_MAX_KEY_BYTES", default_value_t = 1024)]
+    pub max_key_bytes: usize,
+
+    /// Longest value accepted, in bytes.
+    #[arg(long, env = "CAVI_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_value_bytes: usize,
+
+    /// Time to connect to a peer shard (e.g. `1s`, `500ms`).
+    #[arg(long, env = "CAVI_PEER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub peer_connect_timeout: Duration,
+
+    /// Time a peer shard has to answer a forwarded request or a search.
+    #[arg(long, env = "CAVI_PEER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// Time any request may take on this node, end to end.
+    #[arg(long, env = "CAVI_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "CAVI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardSelector {
+    Id(u32),
+    All,
+    FromHostname,
+}
+
+impl FromStr for ShardSelector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "from-hostname" => Ok(Self::FromHostname),
+            _ => s.parse().map(Self::Id).map_err(|_| {
+                format!("{s:?} is not a shard id, `all` or `from-hostname`")
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Accepts `250ms`, `2s`, `1.5s`, `1m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| format!("{s:?} needs a unit: ms, s or m"))?;
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?} has an unknown unit (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// `demo-2` → 2, also for a fully qualified `demo-2.demo-headless.ns`.
+pub fn ordinal_from_hostname(hostname: &str) -> Option<u32> {
+    let host = hostname.trim().split('.').next()?;
+    let (_, ordinal) = host.rsplit_once('-')?;
+    ordinal.parse().ok()
+}
+
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+}
+
+impl Args {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            max_key_bytes: self.max_key_bytes,
+            max_value_bytes: self.max_value_bytes,
+            peer_connect_timeout: self.peer_connect_timeout,
+            peer_request_timeout: self.peer_timeout,
+            request_timeout: self.request_timeout,
+        }
+    }
+
+    /// The shard ids this process serves.
+    fn shard_ids(&self, config: &ClusterConfig) -> Result<Vec<u32>, String> {
+        match self.shard {
+            ShardSelector::Id(id) => Ok(vec![id]),
+            ShardSelector::All => {
+                if self.listen.is_some() {
+                    return Err("--listen names one socket; it cannot be used with `all`".into());
+                }
+                Ok(config.shards.iter().map(|s| s.id).collect())
+            }
+            ShardSelector::FromHostname => {
+                let host = hostname().ok_or("cannot read the host name ($HOSTNAME is empty)")?;
+                ordinal_from_hostname(&host).map(|id| vec![id]).ok_or_else(|| {
+                    format!("host name {host:?} does not end in -<ordinal> (like demo-2)")
+                })
+            }
+        }
+    }
+}
+
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Loads the config, binds every shard this process serves, and serves
+/// them until SIGTERM / Ctrl-C. Errors are sentences for the operator.
+pub async fn run(args: Args) -> Result<(), String> {
+    let config = Arc::new(ClusterConfig::load(&args.config).map_err(|e| e.to_string())?);
+    let settings = args.settings();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    for id in args.shard_ids(&config)? {
+        let node = Node::new(config.clone(), id, Arc::new(MemoryStore::new()), settings.clone())
+            .map_err(|e| e.to_string())?;
+        let addr = match args.listen {
+            Some(addr) => addr,
+            None => node.shard().default_listen_addr().map_err(|e| e.to_string())?,
+        };
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))?;
+        tracing::info!(
+            shard = id,
+            %addr,
+            range = %node.shard().range(),
+            "serving"
+        );
+        let mut stop = stop_rx.clone();
+        servers.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            serve(listener, Arc::new(node), stopped)
+                .await
+                .map_err(|e| format!("shard {id}: {e}"))
+        });
+    }
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    while let Some(done) = servers.join_next().await {
+        done.map_err(|e| format!("server task failed: {e}"))??;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostname_ordinals() {
+        assert_eq!(ordinal_from_hostname("demo-2"), Some(2));
+        assert_eq!(ordinal_from_hostname("my-cluster-10"), Some(10));
+        assert_eq!(ordinal_from_hostname("demo-0.demo-headless.ns.svc"), Some(0));
+        assert_eq!(ordinal_from_hostname("demo"), None);
+        assert_eq!(ordinal_from_hostname("demo-x"), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn shard_selectors() {
+        assert_eq!("3".parse(), Ok(ShardSelector::Id(3)));
+        assert_eq!("all".parse(), Ok(ShardSelector::All));
+        assert_eq!("from-hostname".parse(), Ok(ShardSelector::FromHostname));
+        assert!("-1".parse::<ShardSelector>().is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! The one client a node uses to talk to other shards: pooled keep-alive
+//! connections, a connect timeout and a request timeout, and the
+//! `x-cavi-forwarded` header on every request so a receiver never forwards
+//! it again.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::config::ShardConfig;
+use crate::store::Entry;
+
+/// Marks a request as proxied by another shard; the value is the sender's
+/// shard id. A receiver that does not own the key answers 421 instead of
+/// forwarding, so nodes whose configs disagree cannot bounce a request.
+pub const FORWARDED_HEADER: &str = "x-cavi-forwarded";
+
+/// Everything but unreserved characters is escaped, `+` included: the
+/// receiver decodes the query once with form rules, where a bare `+` would
+/// turn into a space.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Why a peer did not give an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    #[error("connection refused or reset ({0})")]
+    Unavailable(String),
+    #[error("no connection within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("bad answer: {0}")]
+    BadResponse(String),
+}
+
+impl PeerError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            PeerError::Unavailable(_) | PeerError::BadResponse(_) => StatusCode::BAD_GATEWAY,
+            PeerError::ConnectTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PeerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            PeerError::Unavailable(_) => "peer_unavailable",
+            PeerError::ConnectTimeout(_) => "peer_unreachable",
+            PeerError::Timeout(_) => "peer_timeout",
+            PeerError::BadResponse(_) => "peer_bad_response",
+        }
+    }
+}
+
+/// A key operation, as it travels from the entry node to the owner.
+#[derive(Debug, Clone)]
+pub enum KvOp {
+    Get,
+    Put(String),
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    sender: HeaderValue,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl PeerClient {
+    pub fn new(
+        sender_shard: u32,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()?;
+        Ok(Self {
+            http,
+            sender: HeaderValue::from(sender_shard),
+            connect_timeout,
+            request_timeout,
+        })
+    }
+
+    /// Proxies a key operation to its owner and relays the owner's answer
+    /// (status, content type and body) unchanged.
+    ///
+    /// The key travels in the query (`/kv?key=`), not the path: URL
+    /// libraries rewrite the path segments `.` and `..` (even escaped), and
+    /// both are valid keys.
+    pub async fn forward(
+        &self,
+        owner: &ShardConfig,
+        key: &str,
+        op: &KvOp,
+    ) -> Result<Response, PeerError> {
+        let url = format!(
+            "http://{}/kv?key={}",
+            owner.addr,
+            utf8_percent_encode(key, QUERY_VALUE)
+        );
+        let request = match op {
+            KvOp::Get => self.http.get(url),
+            KvOp::Delete => self.http.delete(url),
+            KvOp::Put(value) => {
+                let body = serde_json::json!({ "value": value }).to_string();
+                self.http
+                    .put(url)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(body)
+            }
+        };
+        let answer = request
+            .header(FORWARDED_HEADER, self.sender.clone())
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        let status = answer.status();
+        let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
+        let body = answer.bytes().await.map_err(|e| self.classify(e))?;
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        if let Some(ct) = content_type {
+            response.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        Ok(response)
+    }
+
+    /// Asks `shard` for its own keys under `prefix`.
+    pub async fn search(
+        &self,
+        shard: &ShardConfig,
+        prefix: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<Entry>, PeerError> {
+        let mut url = format!(
+            "http://{}/search?scope=local&prefix={}",
+            shard.addr,
+            utf8_percent_encode(prefix, QUERY_VALUE)
+        );
+        if let Some(limit) = limit {
+            url.push_str(&format!("&limit={limit}"));
+        }
+        let answer = self
+            .http
+            .get(url)
+            .header(FORWARDED_HEADER, self.sender.clone())
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        let status = answer.status();
+        let body = answer.bytes().await.map_err(|e| self.classify(e))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(PeerError::BadResponse(format!("status {status}: {text}")));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| PeerError::BadResponse(format!("search result is not a list: {e}")))
+    }
+
+    fn classify(&self, e: reqwest::Error) -> PeerError {
+        if e.is_connect() && e.is_timeout() {
+            PeerError::ConnectTimeout(self.connect_timeout)
+        } else if e.is_timeout() {
+            PeerError::Timeout(self.request_timeout)
+        } else if e.is_connect() {
+            PeerError::Unavailable(root_cause(&e))
+        } else {
+            PeerError::BadResponse(root_cause(&e))
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,301 @@
+//! Test harness: real nodes on `127.0.0.1:0` listeners inside the test
+//! process, plus peers that are dead (refuse connections) or hung (accept
+//! and never answer), and a small HTTP client speaking the wire format.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cavi_node::config::{ClusterConfig, ShardConfig};
+use cavi_node::dispatch::Node;
+use cavi_node::server::serve;
+use cavi_node::settings::Settings;
+use cavi_node::store::MemoryStore;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Path-segment escaping: `/` and everything else reserved is escaped.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+pub type Range = (&'static str, Option<&'static str>);
+
+/// The seed's layout: a..m and n..z.
+pub const SEED: [Range; 2] = [("a", Some("m")), ("n", Some("z"))];
+
+/// Settings with short peer timeouts so fault tests stay quick.
+pub fn fast_settings() -> Settings {
+    Settings {
+        peer_connect_timeout: Duration::from_millis(500),
+        peer_request_timeout: Duration::from_millis(800),
+        request_timeout: Duration::from_secs(5),
+        ..Settings::default()
+    }
+}
+
+pub async fn bind() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+pub fn layout(ranges: &[Range], addrs: &[SocketAddr]) -> ClusterConfig {
+    let shards = ranges
+        .iter()
+        .zip(addrs)
+        .enumerate()
+        .map(|(i, ((start, end), addr))| ShardConfig {
+            id: i as u32,
+            addr: addr.to_string(),
+            range_start: (*start).to_owned(),
+            range_end: end.map(str::to_owned),
+        })
+        .collect();
+    let config = ClusterConfig { shards };
+    config.validate().unwrap();
+    config
+}
+
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestNode {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful stop: waits until in-flight requests have finished.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
+    }
+}
+
+pub fn spawn_node(
+    listener: TcpListener,
+    config: ClusterConfig,
+    id: u32,
+    settings: Settings,
+) -> TestNode {
+    let addr = listener.local_addr().unwrap();
+    let node =
+        Arc::new(Node::new(Arc::new(config), id, Arc::new(MemoryStore::new()), settings).unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(serve(listener, node.clone(), async move {
+        let _ = rx.await;
+    }));
+    TestNode {
+        addr,
+        node,
+        stop: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+/// What stands at a shard's address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    Node,
+    /// Nothing listens: connections are refused.
+    Dead,
+    /// Accepts connections and never answers.
+    Hung,
+}
+
+pub struct Cluster {
+    pub config: ClusterConfig,
+    /// Running nodes, `None` where the member is dead or hung.
+    pub nodes: Vec<Option<TestNode>>,
+    pub client: Client,
+    hung: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for h in &self.hung {
+            h.abort();
+        }
+    }
+}
+
+impl Cluster {
+    pub async fn start(ranges: &[Range]) -> Self {
+        let members = vec![Member::Node; ranges.len()];
+        Self::start_with(ranges, &members, fast_settings()).await
+    }
+
+    pub async fn start_with(ranges: &[Range], members: &[Member], settings: Settings) -> Self {
+        let mut listeners = Vec::new();
+        for _ in ranges {
+            listeners.push(bind().await);
+        }
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
+        let config = layout(ranges, &addrs);
+        let mut nodes = Vec::new();
+        let mut hung = Vec::new();
+        for (i, ((listener, _), member)) in listeners.into_iter().zip(members).enumerate() {
+            match member {
+                Member::Node => nodes.push(Some(spawn_node(
+                    listener,
+                    config.clone(),
+                    i as u32,
+                    settings.clone(),
+                ))),
+                Member::Dead => {
+                    drop(listener);
+                    nodes.push(None);
+                }
+                Member::Hung => {
+                    hung.push(hang(listener));
+                    nodes.push(None);
+                }
+            }
+        }
+        Self {
+            config,
+            nodes,
+            client: Client::new(),
+            hung,
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &TestNode {
+        self.nodes[i].as_ref().expect("a running node at this index")
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        self.node(i).url()
+    }
+}
+
+/// Accepts every connection and holds it open without reading or writing.
+pub fn hang(listener: TcpListener) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    })
+}
+
+/// An answer: status, headers, and the body parsed as JSON (Null if empty).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    /// The `code` of a JSON error body, asserting the error shape.
+    pub fn code(&self) -> &str {
+        let error = self.body["error"].as_str().unwrap_or_default();
+        assert!(!error.is_empty(), "error body lacks a sentence: {self:?}");
+        self.body["code"].as_str().expect("error body has a code")
+    }
+
+    pub fn error(&self) -> &str {
+        self.body["error"].as_str().unwrap_or_default()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.body
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list: {self:?}"))
+            .iter()
+            .map(|e| e["key"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new() -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .no_proxy()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// The URL of a key: `/kv/{key}`, or `/kv?key=` for `.` and `..`,
+    /// which URL libraries rewrite as path segments even when escaped.
+    pub fn kv(base: &str, key: &str) -> String {
+        if key == "." || key == ".." {
+            return format!("{base}/kv?key={}", utf8_percent_encode(key, SEGMENT));
+        }
+        format!("{base}/kv/{}", utf8_percent_encode(key, SEGMENT))
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Answer {
+        let r = req.send().await.expect("the node answers");
+        let status = r.status();
+        let headers = r.headers().clone();
+        let bytes = r.bytes().await.expect("a complete body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("body is not JSON ({e}): {bytes:?}"))
+        };
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn put(&self, base: &str, key: &str, value: &str) -> Answer {
+        let body = serde_json::json!({ "value": value }).to_string();
+        self.send(
+            self.http
+                .put(Self::kv(base, key))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
+    pub async fn get(&self, base: &str, key: &str) -> Answer {
+        self.send(self.http.get(Self::kv(base, key))).await
+    }
+
+    pub async fn delete(&self, base: &str, key: &str) -> Answer {
+        self.send(self.http.delete(Self::kv(base, key))).await
+    }
+
+    pub async fn search(&self, base: &str, query: &str) -> Answer {
+        self.send(self.http.get(format!("{base}/search?{query}"))).await
+    }
+}

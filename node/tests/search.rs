@@ -1,0 +1,136 @@
+//! Fanned-out prefix search: merged and sorted, scoped, limited, and never
+//! silently partial.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cavi_node::api::PARTIAL_HEADER;
+use common::{Cluster, Member, Range, SEED, fast_settings};
+use reqwest::StatusCode;
+
+const THREE: [Range; 3] = [("", Some("h")), ("i", Some("q")), ("r", None)];
+
+async fn load(c: &Cluster, keys: &[&str]) {
+    for (i, key) in keys.iter().enumerate() {
+        let put = c.client.put(&c.url(i % 2), key, &key.to_uppercase()).await;
+        assert_eq!(put.status, StatusCode::NO_CONTENT, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn search_merges_every_shard_in_key_order() {
+    let c = Cluster::start(&SEED).await;
+    load(&c, &["zebra", "fig", "mango", "apple", "nut", "m", "fog"]).await;
+    for entry in 0..2 {
+        let all = c.client.search(&c.url(entry), "prefix=").await;
+        assert_eq!(all.status, StatusCode::OK);
+        assert_eq!(all.keys(), ["apple", "fig", "fog", "m", "mango", "nut", "zebra"]);
+        assert_eq!(all.body[1], serde_json::json!({"key": "fig", "value": "FIG"}));
+        assert!(all.headers.get(PARTIAL_HEADER).is_none());
+        let f = c.client.search(&c.url(entry), "prefix=f").await;
+        assert_eq!(f.keys(), ["fig", "fog"]);
+        let m = c.client.search(&c.url(entry), "prefix=m").await;
+        assert_eq!(m.keys(), ["m", "mango"]);
+    }
+    let none = c.client.search(&c.url(0), "prefix=q").await;
+    assert_eq!(none.body, serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn scope_local_and_limit() {
+    let c = Cluster::start(&SEED).await;
+    load(&c, &["apple", "avocado", "nut", "zebra", "banana"]).await;
+    let local = c.client.search(&c.url(1), "prefix=&scope=local").await;
+    assert_eq!(local.keys(), ["nut", "zebra"]);
+    let limited = c.client.search(&c.url(1), "prefix=&limit=3").await;
+    assert_eq!(limited.keys(), ["apple", "avocado", "banana"]);
+    let limited = c.client.search(&c.url(0), "prefix=a&limit=1").await;
+    assert_eq!(limited.keys(), ["apple"]);
+    let bad = c.client.search(&c.url(0), "prefix=a&scope=galaxy").await;
+    assert_eq!(bad.code(), "invalid_query");
+}
+
+#[tokio::test]
+async fn search_asks_only_shards_that_can_hold_the_prefix() {
+    // Shard 1 is dead; prefixes that only shard 0 or 2 can hold never
+    // touch it, so they succeed without a partial marker.
+    let c = Cluster::start_with(
+        &THREE,
+        &[Member::Node, Member::Dead, Member::Node],
+        fast_settings(),
+    )
+    .await;
+    c.client.put(&c.url(0), "apple", "1").await;
+    c.client.put(&c.url(2), "tree", "2").await;
+    let a = c.client.search(&c.url(2), "prefix=a").await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(a.keys(), ["apple"]);
+    let t = c.client.search(&c.url(0), "prefix=t").await;
+    assert_eq!(t.status, StatusCode::OK, "{t:?}");
+    assert_eq!(t.keys(), ["tree"]);
+    // A prefix shard 1 can hold does need it.
+    let k = c.client.search(&c.url(0), "prefix=k").await;
+    assert_eq!(k.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn failing_shard_fails_the_search_unless_partial_is_asked() {
+    let c = Cluster::start_with(
+        &THREE,
+        &[Member::Node, Member::Dead, Member::Node],
+        fast_settings(),
+    )
+    .await;
+    c.client.put(&c.url(0), "apple", "1").await;
+    c.client.put(&c.url(2), "tree", "2").await;
+
+    let failed = c.client.search(&c.url(0), "prefix=").await;
+    assert_eq!(failed.status, StatusCode::BAD_GATEWAY, "{failed:?}");
+    assert_eq!(failed.code(), "search_incomplete");
+    assert!(failed.error().contains("shard(s) 1"), "{failed:?}");
+
+    let partial = c.client.search(&c.url(0), "prefix=&partial=true").await;
+    assert_eq!(partial.status, StatusCode::OK);
+    assert_eq!(partial.keys(), ["apple", "tree"]);
+    assert_eq!(partial.headers[PARTIAL_HEADER], "1");
+}
+
+#[tokio::test]
+async fn hung_shards_are_asked_concurrently_and_bounded_by_the_timeout() {
+    let c = Cluster::start_with(
+        &THREE,
+        &[Member::Hung, Member::Node, Member::Hung],
+        fast_settings(),
+    )
+    .await;
+    let started = Instant::now();
+    let failed = c.client.search(&c.url(1), "prefix=").await;
+    let took = started.elapsed();
+    assert_eq!(failed.status, StatusCode::GATEWAY_TIMEOUT, "{failed:?}");
+    assert!(failed.error().contains("shard(s) 0, 2"), "{failed:?}");
+    // Two hung shards asked one after the other would take two timeouts
+    // (1.6 s); asked together they take one (0.8 s).
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+
+    let partial = c.client.search(&c.url(1), "prefix=&partial=true").await;
+    assert_eq!(partial.status, StatusCode::OK);
+    assert_eq!(partial.headers[PARTIAL_HEADER], "0,2");
+}
+
+#[tokio::test]
+async fn forwarded_search_stays_local() {
+    let c = Cluster::start(&SEED).await;
+    load(&c, &["apple", "nut"]).await;
+    let r = c
+        .client
+        .send(
+            c.client
+                .http
+                .get(format!("{}/search?prefix=", c.url(0)))
+                .header(cavi_node::peers::FORWARDED_HEADER, "1"),
+        )
+        .await;
+    assert_eq!(r.keys(), ["apple"]);
+}

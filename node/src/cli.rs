@@ -18,7 +18,11 @@ use crate::settings::Settings;
 use crate::store::MemoryStore;
 
 #[derive(Debug, Parser)]
-#[command(name = "kvstore-api", version, about = "A CAVI node: serves one shard of the key space and forwards the rest")]
+#[command(
+    name = "kvstore-api",
+    version,
+    about = "A CAVI node: serves one shard of the key space and forwards the rest"
+)]
 pub struct Args {
     /// Which shard to serve: its id, `all` (every shard of the config in
     /// this one process, for a laptop), or `from-hostname` (the trailing
@@ -74,9 +78,10 @@ impl FromStr for ShardSelector {
         match s {
             "all" => Ok(Self::All),
             "from-hostname" => Ok(Self::FromHostname),
-            _ => s.parse().map(Self::Id).map_err(|_| {
-                format!("{s:?} is not a shard id, `all` or `from-hostname`")
-            }),
+            _ => s
+                .parse()
+                .map(Self::Id)
+                .map_err(|_| format!("{s:?} is not a shard id, `all` or `from-hostname`")),
         }
     }
 }
@@ -145,9 +150,11 @@ impl Args {
             }
             ShardSelector::FromHostname => {
                 let host = hostname().ok_or("cannot read the host name ($HOSTNAME is empty)")?;
-                ordinal_from_hostname(&host).map(|id| vec![id]).ok_or_else(|| {
-                    format!("host name {host:?} does not end in -<ordinal> (like demo-2)")
-                })
+                ordinal_from_hostname(&host)
+                    .map(|id| vec![id])
+                    .ok_or_else(|| {
+                        format!("host name {host:?} does not end in -<ordinal> (like demo-2)")
+                    })
             }
         }
     }
@@ -156,7 +163,10 @@ impl Args {
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let colors = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colors);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -171,11 +181,19 @@ pub async fn run(args: Args) -> Result<(), String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     for id in args.shard_ids(&config)? {
-        let node = Node::new(config.clone(), id, Arc::new(MemoryStore::new()), settings.clone())
-            .map_err(|e| e.to_string())?;
+        let node = Node::new(
+            config.clone(),
+            id,
+            Arc::new(MemoryStore::new()),
+            settings.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         let addr = match args.listen {
             Some(addr) => addr,
-            None => node.shard().default_listen_addr().map_err(|e| e.to_string())?,
+            None => node
+                .shard()
+                .default_listen_addr()
+                .map_err(|e| e.to_string())?,
         };
         let listener = TcpListener::bind(addr)
             .await
@@ -215,7 +233,10 @@ mod tests {
     fn hostname_ordinals() {
         assert_eq!(ordinal_from_hostname("demo-2"), Some(2));
         assert_eq!(ordinal_from_hostname("my-cluster-10"), Some(10));
-        assert_eq!(ordinal_from_hostname("demo-0.demo-headless.ns.svc"), Some(0));
+        assert_eq!(
+            ordinal_from_hostname("demo-0.demo-headless.ns.svc"),
+            Some(0)
+        );
         assert_eq!(ordinal_from_hostname("demo"), None);
         assert_eq!(ordinal_from_hostname("demo-x"), None);
     }

@@ -128,9 +128,8 @@ impl ClusterConfig {
                     shard.id, other.addr, shard.addr
                 )));
             }
-            split_addr(&shard.addr).map_err(|e| {
-                ConfigError::Invalid(format!("shard {}: {}", shard.id, inner(&e)))
-            })?;
+            split_addr(&shard.addr)
+                .map_err(|e| ConfigError::Invalid(format!("shard {}: {}", shard.id, inner(&e))))?;
             if shard.range().is_inverted() {
                 return Err(ConfigError::Invalid(format!(
                     "shard {} has range_start {:?} after range_end {:?}",
@@ -249,23 +248,38 @@ shards:
 
     #[test]
     fn overlap_names_both_shards() {
-        let e = err("shards:\n  - {id: 0, addr: 'h:1', range_start: a, range_end: m}\n  - {id: 1, addr: 'h:2', range_start: ma, range_end: z}\n");
-        assert!(e.contains("shards 0") && e.contains("and 1") && e.contains("overlap"), "{e}");
+        let e = err(
+            "shards:\n  - {id: 0, addr: 'h:1', range_start: a, range_end: m}\n  - {id: 1, addr: 'h:2', range_start: ma, range_end: z}\n",
+        );
+        assert!(
+            e.contains("shards 0") && e.contains("and 1") && e.contains("overlap"),
+            "{e}"
+        );
         // An open end overlaps everything after it.
-        let e = err("shards:\n  - {id: 3, addr: 'h:1', range_start: a}\n  - {id: 4, addr: 'h:2', range_start: n}\n");
+        let e = err(
+            "shards:\n  - {id: 3, addr: 'h:1', range_start: a}\n  - {id: 4, addr: 'h:2', range_start: n}\n",
+        );
         assert!(e.contains("shards 3") && e.contains("4"), "{e}");
     }
 
     #[test]
     fn unsorted_names_both_shards() {
-        let e = err("shards:\n  - {id: 0, addr: 'h:1', range_start: n, range_end: z}\n  - {id: 1, addr: 'h:2', range_start: a, range_end: m}\n");
-        assert!(e.contains("key order") && e.contains("shard 1") && e.contains("shard 0"), "{e}");
+        let e = err(
+            "shards:\n  - {id: 0, addr: 'h:1', range_start: n, range_end: z}\n  - {id: 1, addr: 'h:2', range_start: a, range_end: m}\n",
+        );
+        assert!(
+            e.contains("key order") && e.contains("shard 1") && e.contains("shard 0"),
+            "{e}"
+        );
     }
 
     #[test]
     fn inverted_names_the_shard() {
         let e = err("shards:\n  - {id: 7, addr: 'h:1', range_start: n, range_end: m}\n");
-        assert!(e.contains("shard 7") && e.contains("after range_end"), "{e}");
+        assert!(
+            e.contains("shard 7") && e.contains("after range_end"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -284,7 +298,9 @@ shards:
             range_start: String::new(),
             range_end: None,
         };
-        let ip = shard("127.0.0.1:3100").default_listen_addr().expect("valid");
+        let ip = shard("127.0.0.1:3100")
+            .default_listen_addr()
+            .expect("valid");
         assert_eq!(ip.to_string(), "127.0.0.1:3100");
         let dns = shard("demo-1.demo-headless.ns.svc.cluster.local:3100")
             .default_listen_addr()

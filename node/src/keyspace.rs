@@ -67,8 +67,10 @@ impl KeyRange {
     /// Whether some key starting with `prefix` falls in this range, i.e.
     /// whether a prefix search has to ask this shard.
     pub fn may_hold_prefix(&self, prefix: &str) -> bool {
-        below(self.start.as_bytes(), &prefix_upper_bound(prefix.as_bytes()))
-            && below(prefix.as_bytes(), &self.upper())
+        below(
+            self.start.as_bytes(),
+            &prefix_upper_bound(prefix.as_bytes()),
+        ) && below(prefix.as_bytes(), &self.upper())
     }
 
     /// `range_start > range_end`: the config refuses this as inverted.

@@ -20,7 +20,10 @@ pub async fn serve(
     let drain = async move {
         shutdown.await;
         node.mark_not_ready();
-        tracing::info!(shard = node.shard().id, "shutting down: draining in-flight requests");
+        tracing::info!(
+            shard = node.shard().id,
+            "shutting down: draining in-flight requests"
+        );
     };
     axum::serve(listener, app)
         .with_graceful_shutdown(drain)

@@ -25,17 +25,30 @@ async fn a_thousand_concurrent_mixed_requests_lose_nothing() {
     let keys: Vec<String> = (0..250)
         .map(|i| format!("{}-key-{i:03}", if i % 2 == 0 { 'c' } else { 'q' }))
         .collect();
-    let writer_requests: usize = keys.iter().map(|k| if k.ends_with('0') { 4 } else { 3 }).sum();
+    let writer_requests: usize = keys
+        .iter()
+        .map(|k| if k.ends_with('0') { 4 } else { 3 })
+        .sum();
     let mut tasks = JoinSet::new();
     for (i, key) in keys.iter().enumerate() {
         let client = c.client.clone();
         let (a, b) = (c.url(i % 2), c.url((i + 1) % 2));
         let key = key.clone();
         tasks.spawn(async move {
-            assert_eq!(client.put(&a, &key, "v1").await.status, StatusCode::NO_CONTENT);
-            assert_eq!(client.get(&b, &key).await.body, "v1", "read-your-write via the other node");
+            assert_eq!(
+                client.put(&a, &key, "v1").await.status,
+                StatusCode::NO_CONTENT
+            );
+            assert_eq!(
+                client.get(&b, &key).await.body,
+                "v1",
+                "read-your-write via the other node"
+            );
             let v2 = format!("v2-{key}");
-            assert_eq!(client.put(&b, &key, &v2).await.status, StatusCode::NO_CONTENT);
+            assert_eq!(
+                client.put(&b, &key, &v2).await.status,
+                StatusCode::NO_CONTENT
+            );
             if key.ends_with('0') {
                 assert_eq!(client.delete(&a, &key).await.status, StatusCode::NO_CONTENT);
                 return Outcome::Written(key, None, 4);
@@ -54,7 +67,10 @@ async fn a_thousand_concurrent_mixed_requests_lose_nothing() {
             } else {
                 client.get(&url, &key).await.status
             };
-            assert!(status == StatusCode::OK || status == StatusCode::NOT_FOUND, "{status}");
+            assert!(
+                status == StatusCode::OK || status == StatusCode::NOT_FOUND,
+                "{status}"
+            );
             Outcome::Read
         });
     }

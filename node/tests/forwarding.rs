@@ -16,19 +16,46 @@ async fn awkward_keys_round_trip_exactly_through_a_non_owner() {
     // key below is forwarded by one of the two entry points.
     let c = Cluster::start(&[("", Some("m")), ("n", None)]).await;
     let keys = [
-        "p?q", "p/q", "a+b", "n#1", "q%20x", "r&s=t", "a b", "..", ".", "./x", "k/../k",
-        "ünïcödé", "日本語", "emoji😀", "x=y;z", "tab\there", "back\\slash", "%", "%%2F",
-        "/leading", "trailing/", "mid//double",
+        "p?q",
+        "p/q",
+        "a+b",
+        "n#1",
+        "q%20x",
+        "r&s=t",
+        "a b",
+        "..",
+        ".",
+        "./x",
+        "k/../k",
+        "ünïcödé",
+        "日本語",
+        "emoji😀",
+        "x=y;z",
+        "tab\there",
+        "back\\slash",
+        "%",
+        "%%2F",
+        "/leading",
+        "trailing/",
+        "mid//double",
     ];
     for (i, key) in keys.iter().enumerate() {
         let value = format!("value of {key}");
         for entry in 0..2 {
             let v = format!("{value} via {entry}");
             let put = c.client.put(&c.url(entry), key, &v).await;
-            assert_eq!(put.status, StatusCode::NO_CONTENT, "PUT {key:?} via {entry}: {put:?}");
+            assert_eq!(
+                put.status,
+                StatusCode::NO_CONTENT,
+                "PUT {key:?} via {entry}: {put:?}"
+            );
             for reader in 0..2 {
                 let got = c.client.get(&c.url(reader), key).await;
-                assert_eq!(got.status, StatusCode::OK, "GET {key:?} via {reader}: {got:?}");
+                assert_eq!(
+                    got.status,
+                    StatusCode::OK,
+                    "GET {key:?} via {reader}: {got:?}"
+                );
                 assert_eq!(got.body, serde_json::json!(v), "key #{i} {key:?}");
             }
         }
@@ -94,7 +121,10 @@ async fn nodes_whose_configs_disagree_answer_421_after_one_hop() {
         )
         .await;
     assert_eq!(refused.status, StatusCode::MISDIRECTED_REQUEST);
-    assert!(refused.error().contains("forwarded by shard 0"), "{refused:?}");
+    assert!(
+        refused.error().contains("forwarded by shard 0"),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
@@ -108,7 +138,10 @@ async fn dead_peer_is_a_fast_502() {
     assert!(answer.error().contains("shard 1"), "{answer:?}");
     assert!(took < Duration::from_secs(2), "dead peer took {took:?}");
     // The live shard keeps serving its own keys.
-    assert_eq!(c.client.put(&c.url(0), "apple", "1").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        c.client.put(&c.url(0), "apple", "1").await.status,
+        StatusCode::NO_CONTENT
+    );
 }
 
 #[tokio::test]
@@ -123,5 +156,8 @@ async fn hung_peer_is_a_504_after_the_peer_timeout() {
     // Bounded by the peer timeout (800 ms), not the client's 30 s.
     assert!(took >= Duration::from_millis(800), "{took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
-    assert_eq!(c.client.get(&c.url(0), "apple").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.client.get(&c.url(0), "apple").await.status,
+        StatusCode::NOT_FOUND
+    );
 }

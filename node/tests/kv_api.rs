@@ -19,23 +19,46 @@ async fn seed_wire_format_put_get_delete() {
     assert_eq!(got.body, serde_json::json!("bar"));
     assert_eq!(c.client.get(&n1, "foo").await.body, "bar");
 
-    assert_eq!(c.client.delete(&n1, "foo").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        c.client.delete(&n1, "foo").await.status,
+        StatusCode::NO_CONTENT
+    );
     let gone = c.client.get(&n0, "foo").await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
     assert_eq!(gone.code(), "key_not_found");
     assert!(gone.error().contains("foo"));
     // DELETE of a missing key is still 204, locally and forwarded.
-    assert_eq!(c.client.delete(&n0, "foo").await.status, StatusCode::NO_CONTENT);
-    assert_eq!(c.client.delete(&n1, "foo").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        c.client.delete(&n0, "foo").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        c.client.delete(&n1, "foo").await.status,
+        StatusCode::NO_CONTENT
+    );
 }
 
 #[tokio::test]
 async fn key_space_edges_route_to_the_right_shard() {
     let c = Cluster::start(&SEED).await;
-    for (key, owner) in [("mango", 0), ("m", 0), ("a", 0), ("n", 1), ("zebra", 1), ("zzz", 1)] {
-        assert_eq!(c.client.put(&c.url(1 - owner), key, key).await.status, StatusCode::NO_CONTENT);
+    for (key, owner) in [
+        ("mango", 0),
+        ("m", 0),
+        ("a", 0),
+        ("n", 1),
+        ("zebra", 1),
+        ("zzz", 1),
+    ] {
+        assert_eq!(
+            c.client.put(&c.url(1 - owner), key, key).await.status,
+            StatusCode::NO_CONTENT
+        );
         let held = c.node(owner).node.store().get(key).unwrap();
-        assert_eq!(held.as_deref(), Some(key), "{key} should be stored on shard {owner}");
+        assert_eq!(
+            held.as_deref(),
+            Some(key),
+            "{key} should be stored on shard {owner}"
+        );
     }
 }
 
@@ -73,17 +96,33 @@ async fn body_errors_have_the_right_status_and_code() {
         (put("{\"value\": 42}", json).await, 422, "invalid_body"),
         (put("{\"value\": null}", json).await, 422, "invalid_body"),
         (put("{\"val\": \"x\"}", json).await, 422, "invalid_body"),
-        (put("{\"value\": \"x\", \"ttl\": 3}", json).await, 422, "invalid_body"),
+        (
+            put("{\"value\": \"x\", \"ttl\": 3}", json).await,
+            422,
+            "invalid_body",
+        ),
         (put("[\"x\"]", json).await, 422, "invalid_body"),
-        (put("{\"value\": \"x\"}", None).await, 415, "unsupported_media_type"),
-        (put("{\"value\": \"x\"}", Some("text/plain")).await, 415, "unsupported_media_type"),
+        (
+            put("{\"value\": \"x\"}", None).await,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            put("{\"value\": \"x\"}", Some("text/plain")).await,
+            415,
+            "unsupported_media_type",
+        ),
     ];
     for (answer, status, code) in cases {
         assert_eq!(answer.status.as_u16(), status, "{answer:?}");
         assert_eq!(answer.code(), code);
     }
     // A charset parameter is still JSON.
-    let ok = put("{\"value\": \"x\"}", Some("application/json; charset=utf-8")).await;
+    let ok = put(
+        "{\"value\": \"x\"}",
+        Some("application/json; charset=utf-8"),
+    )
+    .await;
     assert_eq!(ok.status, StatusCode::NO_CONTENT);
 }
 
@@ -100,7 +139,10 @@ async fn size_limits_are_413_and_configurable() {
     assert_eq!(long_key.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(long_key.code(), "key_too_large");
     assert!(long_key.error().contains("limit of 8 bytes"));
-    assert_eq!(c.client.put(&n0, "abcdefgh", "ok").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        c.client.put(&n0, "abcdefgh", "ok").await.status,
+        StatusCode::NO_CONTENT
+    );
 
     let big = c.client.put(&n0, "b", &"x".repeat(17)).await;
     assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -108,7 +150,10 @@ async fn size_limits_are_413_and_configurable() {
     // Checked at the entry node before forwarding, too.
     let big = c.client.put(&c.url(1), "b", &"x".repeat(17)).await;
     assert_eq!(big.code(), "value_too_large");
-    assert_eq!(c.client.put(&n0, "b", &"x".repeat(16)).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        c.client.put(&n0, "b", &"x".repeat(16)).await.status,
+        StatusCode::NO_CONTENT
+    );
 
     // A body far beyond any valid value is cut off without buffering it.
     let huge = format!("{{\"value\": \"{}\"}}", "y".repeat(1 << 20));
@@ -130,8 +175,19 @@ async fn size_limits_are_413_and_configurable() {
 async fn default_limits_take_a_one_mebibyte_value() {
     let c = Cluster::start(&SEED).await;
     let value = "v".repeat(1 << 20);
-    assert_eq!(c.client.put(&c.url(1), "big", &value).await.status, StatusCode::NO_CONTENT);
-    assert_eq!(c.client.get(&c.url(1), "big").await.body.as_str().map(str::len), Some(1 << 20));
+    assert_eq!(
+        c.client.put(&c.url(1), "big", &value).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        c.client
+            .get(&c.url(1), "big")
+            .await
+            .body
+            .as_str()
+            .map(str::len),
+        Some(1 << 20)
+    );
     let over = c.client.put(&c.url(0), "big", &(value + "v")).await;
     assert_eq!(over.code(), "value_too_large");
     let key = "k".repeat(1025);
@@ -148,10 +204,16 @@ async fn routing_errors_are_json() {
     let missing = c.client.send(c.client.http.get(format!("{n0}/nope"))).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.code(), "route_not_found");
-    let method = c.client.send(c.client.http.post(format!("{n0}/kv/a"))).await;
+    let method = c
+        .client
+        .send(c.client.http.post(format!("{n0}/kv/a")))
+        .await;
     assert_eq!(method.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(method.code(), "method_not_allowed");
-    let bad_utf8 = c.client.send(c.client.http.get(format!("{n0}/kv/%FF"))).await;
+    let bad_utf8 = c
+        .client
+        .send(c.client.http.get(format!("{n0}/kv/%FF")))
+        .await;
     assert_eq!(bad_utf8.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_utf8.code(), "invalid_key");
     let bad_query = c.client.search(&n0, "prefix=a&limit=many").await;
@@ -163,12 +225,24 @@ async fn routing_errors_are_json() {
 async fn operational_endpoints() {
     let c = Cluster::start(&SEED).await;
     let n1 = c.url(1);
-    let health = c.client.send(c.client.http.get(format!("{n1}/healthz"))).await;
+    let health = c
+        .client
+        .send(c.client.http.get(format!("{n1}/healthz")))
+        .await;
     assert_eq!(health.status, StatusCode::OK);
-    let ready = c.client.send(c.client.http.get(format!("{n1}/readyz"))).await;
+    let ready = c
+        .client
+        .send(c.client.http.get(format!("{n1}/readyz")))
+        .await;
     assert_eq!(ready.status, StatusCode::OK);
-    assert_eq!(c.client.put(&n1, "nut", "1").await.status, StatusCode::NO_CONTENT);
-    let view = c.client.send(c.client.http.get(format!("{n1}/cluster"))).await;
+    assert_eq!(
+        c.client.put(&n1, "nut", "1").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let view = c
+        .client
+        .send(c.client.http.get(format!("{n1}/cluster")))
+        .await;
     assert_eq!(view.status, StatusCode::OK);
     assert_eq!(view.body["shard_id"], 1);
     assert_eq!(view.body["keys"], 1);

@@ -26,8 +26,14 @@ async fn search_merges_every_shard_in_key_order() {
     for entry in 0..2 {
         let all = c.client.search(&c.url(entry), "prefix=").await;
         assert_eq!(all.status, StatusCode::OK);
-        assert_eq!(all.keys(), ["apple", "fig", "fog", "m", "mango", "nut", "zebra"]);
-        assert_eq!(all.body[1], serde_json::json!({"key": "fig", "value": "FIG"}));
+        assert_eq!(
+            all.keys(),
+            ["apple", "fig", "fog", "m", "mango", "nut", "zebra"]
+        );
+        assert_eq!(
+            all.body[1],
+            serde_json::json!({"key": "fig", "value": "FIG"})
+        );
         assert!(all.headers.get(PARTIAL_HEADER).is_none());
         let f = c.client.search(&c.url(entry), "prefix=f").await;
         assert_eq!(f.keys(), ["fig", "fog"]);

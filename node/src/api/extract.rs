@@ -28,7 +28,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Key {
         if parts.uri.path().trim_end_matches('/') == "/kv" {
             let Query(q) = Query::<KeyQuery>::from_request_parts(parts, state)
                 .await
-                .map_err(|e| ApiError::InvalidKey(format!("{} (use /kv/{{key}})", e.body_text())))?;
+                .map_err(|e| {
+                    ApiError::InvalidKey(format!("{} (use /kv/{{key}})", e.body_text()))
+                })?;
             return Ok(Key(q.key));
         }
         let Path(key) = Path::<String>::from_request_parts(parts, state)
@@ -101,7 +103,9 @@ impl<S: Send + Sync> FromRequest<S> for PutBody {
         // serde also reads a struct from a list (`["x"]`); only an object
         // has the documented shape.
         if bytes.trim_ascii_start().first() != Some(&b'{') {
-            return Err(ApiError::InvalidBody("the body is not a JSON object".into()));
+            return Err(ApiError::InvalidBody(
+                "the body is not a JSON object".into(),
+            ));
         }
         Ok(body)
     }
@@ -128,8 +132,7 @@ fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
         return false;
     };
     kind.eq_ignore_ascii_case("application")
-        && (subtype.eq_ignore_ascii_case("json")
-            || subtype.to_ascii_lowercase().ends_with("+json"))
+        && (subtype.eq_ignore_ascii_case("json") || subtype.to_ascii_lowercase().ends_with("+json"))
 }
 
 #[cfg(test)]

@@ -185,7 +185,9 @@ impl Cluster {
     }
 
     pub fn node(&self, i: usize) -> &TestNode {
-        self.nodes[i].as_ref().expect("a running node at this index")
+        self.nodes[i]
+            .as_ref()
+            .expect("a running node at this index")
     }
 
     pub fn url(&self, i: usize) -> String {
@@ -296,6 +298,7 @@ impl Client {
     }
 
     pub async fn search(&self, base: &str, query: &str) -> Answer {
-        self.send(self.http.get(format!("{base}/search?{query}"))).await
+        self.send(self.http.get(format!("{base}/search?{query}")))
+            .await
     }
 }

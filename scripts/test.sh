@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every check of the project: formatting, lints, all Rust tests (unit,
+# mocked API server, real node processes), then the Kubernetes manifest and
+# chart checks (which set up their own Python venv on first use).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "rustfmt"
+cargo fmt --all -- --check
+
+step "clippy (-D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+if [ -x scripts/check-manifests.sh ]; then
+  step "Kubernetes manifests, chart and CRD"
+  scripts/check-manifests.sh
+fi

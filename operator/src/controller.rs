@@ -1,0 +1,199 @@
+//! `cavi-operator run`: the controller, its leader election and its admin
+//! port, wired together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::api::ListParams;
+use kube::runtime::events::Reporter;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::build::{LABEL_MANAGED_BY, MANAGER};
+use crate::crd::{CRD_NAME, CRD_PATH, CaviCluster};
+use crate::leader::{LeaderElector, LeaseTiming};
+use crate::reconcile::{Context, error_policy, reconcile};
+
+/// Options of `cavi-operator run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub admin_addr: SocketAddr,
+    /// Watch one namespace only; `None` watches all.
+    pub watch_namespace: Option<String>,
+    /// Take part in leader election (off for a single local replica).
+    pub leader_election: bool,
+    pub lease_name: String,
+    /// Namespace of the Lease; defaults to the client's namespace.
+    pub lease_namespace: Option<String>,
+    /// This replica's identity in the Lease and in events.
+    pub identity: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Client(#[source] kube::Error),
+    #[error("CRD {CRD_NAME} is not installed: kubectl apply -f {CRD_PATH}")]
+    CrdMissing,
+    #[error("cannot list CaviClusters: {0}")]
+    CrdCheck(#[source] kube::Error),
+    #[error("cannot serve the admin port on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("lost the leader lease; exiting so that only one replica reconciles")]
+    LostLease,
+}
+
+fn clusters_api(client: &Client, namespace: Option<&str>) -> Api<CaviCluster> {
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn child_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Fails with an install hint when the CRD is missing.
+pub async fn check_crd(api: &Api<CaviCluster>) -> Result<(), RunError> {
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Err(RunError::CrdMissing),
+        Err(error) => Err(RunError::CrdCheck(error)),
+    }
+}
+
+/// Runs the operator until SIGTERM / Ctrl-C.
+pub async fn run(options: RunOptions) -> Result<(), RunError> {
+    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let state = AdminState::default();
+
+    let listener = tokio::net::TcpListener::bind(options.admin_addr)
+        .await
+        .map_err(|source| RunError::Admin {
+            addr: options.admin_addr,
+            source,
+        })?;
+    info!(addr = %options.admin_addr, "admin endpoints listening");
+    let admin_state = state.clone();
+    tokio::spawn(async move {
+        if let Err(error) = admin::serve(listener, admin_state, shutdown_signal()).await {
+            error!(%error, "admin server failed");
+        }
+    });
+
+    let ns = options.watch_namespace.as_deref();
+    let clusters = clusters_api(&client, ns);
+    check_crd(&clusters).await?;
+    state.ready.store(true, Ordering::Relaxed);
+
+    let elector = options.leader_election.then(|| {
+        let lease_ns = options
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        LeaderElector::new(
+            Api::<Lease>::namespaced(client.clone(), &lease_ns),
+            &options.lease_name,
+            &options.identity,
+            LeaseTiming::default(),
+        )
+    });
+    if let Some(elector) = &elector {
+        info!(
+            identity = elector.identity(),
+            "waiting for the leader lease"
+        );
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown_signal() => return Ok(()),
+        }
+    }
+    state.metrics.set_leader(true);
+
+    let reporter = Reporter {
+        controller: crate::build::MANAGER.into(),
+        instance: Some(options.identity.clone()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        reporter,
+        state.metrics.clone(),
+    ));
+    let children = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+    let controller = Controller::new(clusters, watcher::Config::default().any_semantic())
+        .owns(child_api::<ConfigMap>(&client, ns), children.clone())
+        .owns(child_api::<Service>(&client, ns), children.clone())
+        .owns(child_api::<StatefulSet>(&client, ns), children)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(%object, "reconciled"),
+                Err(error) => warn!(%error, "reconcile failed"),
+            }
+        });
+
+    let outcome = match &elector {
+        Some(elector) => tokio::select! {
+            () = controller => Ok(()),
+            () = elector.hold() => Err(RunError::LostLease),
+        },
+        None => {
+            controller.await;
+            Ok(())
+        }
+    };
+    state.metrics.set_leader(false);
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    info!("operator stopped");
+    outcome
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,232 @@
+//! The `CaviCluster` custom resource (`cavi.dev/v1alpha1`), declared once in
+//! Rust. The CRD YAML in `deploy/crds/` is generated from these types by
+//! `cavi-operator crd`; a test fails when the two drift.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Name of the CRD object, as `kubectl get crd` shows it.
+pub const CRD_NAME: &str = "caviclusters.cavi.dev";
+/// Where the generated CRD is committed, relative to the repository root.
+pub const CRD_PATH: &str = "deploy/crds/cavicluster.yaml";
+/// The most shards one cluster may declare.
+pub const MAX_SHARDS: usize = 64;
+/// The port a node listens on when the spec does not say.
+pub const DEFAULT_PORT: i32 = 3100;
+
+/// The desired state of a CAVI cluster: its shard layout and how its pods run.
+// Each printer column repeats keys such as `type_ = "integer"`, which this
+// lint mistakes for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "cavi.dev",
+    version = "v1alpha1",
+    kind = "CaviCluster",
+    namespaced,
+    shortname = "cavi",
+    status = "CaviClusterStatus",
+    derive = "PartialEq",
+    doc = "A sharded CAVI key-value store: one pod per key range, run by the CAVI operator.",
+    printcolumn(
+        name = "Shards",
+        type_ = "integer",
+        description = "Number of shards declared",
+        json_path = ".status.shardCount"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        description = "Number of shards whose pod is ready",
+        json_path = ".status.readyShards"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        description = "Summary of the cluster's state",
+        json_path = ".status.phase"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("size(self.shards) >= 1").message("at least one shard is required"))]
+#[x_kube(validation = Rule::new("size(self.shards) <= 64").message("at most 64 shards are supported"))]
+#[serde(rename_all = "camelCase")]
+pub struct CaviClusterSpec {
+    /// The key ranges, one per shard, listed in key order. Shard `i` (pod
+    /// `<name>-i`) owns the `i`-th range. Ranges must not overlap; gaps are
+    /// allowed. Once running, a shard's range may only grow into key space no
+    /// shard owned, and shards may only be appended: a change that would move
+    /// existing keys to another shard is refused.
+    #[schemars(length(min = 1, max = 64))]
+    pub shards: Vec<ShardRange>,
+
+    /// Container image that runs `kvstore-api`.
+    #[serde(default = "default_image")]
+    pub image: String,
+
+    /// When the kubelet pulls the image: `Always`, `IfNotPresent` or `Never`.
+    /// Unset follows the Kubernetes default for the image's tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+
+    /// TCP port every node serves HTTP on (API, probes and metrics).
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// CPU and memory requests and limits of each node container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Where shards keep their data.
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// Where the pods may be scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// One shard's slice of the key space. A shard owns key `k` when
+/// `rangeStart <= k` and (`k <= rangeEnd` or `k` starts with `rangeEnd`),
+/// comparing bytes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("!has(self.rangeEnd) || (has(self.rangeStart) ? self.rangeStart : '') <= self.rangeEnd").message("rangeStart must not sort after rangeEnd"))]
+#[serde(rename_all = "camelCase")]
+pub struct ShardRange {
+    /// Lowest key owned, inclusive. Empty means the lowest key.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub range_start: String,
+
+    /// Highest key owned, as an inclusive prefix bound (`m` owns `mango`).
+    /// Omitted means the highest key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024), transform = not_nullable)]
+    pub range_end: Option<String>,
+}
+
+/// Storage of the shards' data, a union keyed by `type`. Only `Memory`
+/// exists today; a `Persistent` kind with its own member (`size`,
+/// `storageClassName`) will sit beside it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Kind of storage. `Memory`: data lives in the node process and is
+    /// lost when a pod restarts.
+    #[serde(default, rename = "type")]
+    pub type_: StorageType,
+}
+
+/// The kinds of storage a shard can use.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum StorageType {
+    /// Data lives in the node process and is lost when a pod restarts.
+    #[default]
+    Memory,
+}
+
+/// Pod placement constraints, copied into the StatefulSet's pod template.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Node labels a pod's node must have.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Node and pod affinity and anti-affinity rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+/// What the operator last observed of the cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaviClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Number of shards the spec declares.
+    #[serde(default)]
+    pub shard_count: i32,
+
+    /// Number of shards whose pod is ready.
+    #[serde(default)]
+    pub ready_shards: i32,
+
+    /// One-word summary: `Pending`, `Progressing`, `Running`, `Degraded` or
+    /// `Invalid` (the spec was refused; the running cluster is untouched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+
+    /// Per-shard state, in shard order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+
+    /// `Ready` (every shard serves the declared layout), `Progressing` (a
+    /// rollout is under way) and `Degraded` (a shard is down outside a
+    /// rollout), with reason and message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The state of one shard.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// Shard id, the pod's ordinal.
+    pub id: i32,
+    /// The shard's key range, as `start..=end*`.
+    pub range: String,
+    /// Name of the pod serving the shard.
+    pub pod: String,
+    /// Whether that pod is ready.
+    pub ready: bool,
+}
+
+/// An optional field is absent, never `null`: keeps the schema simple
+/// for CEL rules that test it with `has()`.
+fn not_nullable(schema: &mut schemars::Schema) {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.remove("nullable");
+        let single = match obj.get("type") {
+            Some(serde_json::Value::Array(types)) => {
+                let rest: Vec<_> = types.iter().filter(|t| *t != "null").cloned().collect();
+                (rest.len() == 1).then(|| rest[0].clone())
+            }
+            _ => None,
+        };
+        if let Some(single) = single {
+            obj.insert("type".into(), single);
+        }
+    }
+}
+
+fn default_image() -> String {
+    concat!("cavi:", env!("CARGO_PKG_VERSION")).to_owned()
+}
+
+fn default_port() -> i32 {
+    DEFAULT_PORT
+}
+
+/// The CRD as YAML, exactly what `cavi-operator crd` prints and what is
+/// committed at [`CRD_PATH`].
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&CaviCluster::crd())
+}

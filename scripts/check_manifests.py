@@ -55,10 +55,11 @@ EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
 KIND_CONFIG = ROOT / "deploy" / "kind" / "cluster.yaml"
 E2E = ROOT / "tests" / "e2e" / "kind-e2e.sh"
 
-# The newest Kubernetes whose schemas the pinned kubernetes-validate ships, and
-# the oldest CAVI supports (Chart.yaml kubeVersion: CEL rules in CRDs are GA
-# since 1.29; 1.30 is the oldest minor still widely under vendor support).
-K8S_VERSIONS = ("1.37", "1.30")
+# The newest Kubernetes whose schemas the pinned kubernetes-validate ships, the
+# API level the operator is compiled against (k8s-openapi feature v1_33), and the
+# oldest CAVI supports (Chart.yaml kubeVersion: CEL rules in CRDs are GA since
+# 1.29; 1.30 is the oldest minor still widely under vendor support).
+K8S_VERSIONS = ("1.37", "1.33", "1.30")
 
 RELEASE = "cavi"
 NAMESPACE = "cavi-system"
@@ -190,7 +191,9 @@ def operator(*args: str) -> str:
 
 def crd_docs() -> list[dict[str, Any]]:
     require(CRD_FILE.is_file(), f"{rel(CRD_FILE)} is missing; generate it with: {REGENERATE}")
-    return load_docs(CRD_FILE.read_text(), rel(CRD_FILE))
+    docs = load_docs(CRD_FILE.read_text(), rel(CRD_FILE))
+    require(len(docs) == 1, f"{rel(CRD_FILE)} holds {len(docs)} objects, expected the CRD alone; regenerate it with: {REGENERATE}")
+    return docs
 
 
 def structural_to_jsonschema(node: Any) -> Any:
@@ -612,6 +615,90 @@ def check_chart_crd_copy() -> str:
 
 
 # --------------------------------------------------------------------------
+# The image (static: there is no container engine to build it here)
+# --------------------------------------------------------------------------
+
+
+def dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Whether .dockerignore leaves `path` (relative, no leading slash) out of the
+    build context, following Docker's rules closely enough for directory and
+    file names: the last matching pattern wins, `!` re-includes, `**` spans
+    directories, and a pattern matching a parent directory excludes the path."""
+    import fnmatch
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        pattern = pattern.strip().strip("/")
+        if pattern.startswith("./"):
+            pattern = pattern[2:]
+        candidates = [pattern]
+        while candidates[-1].startswith("**/"):
+            candidates.append(candidates[-1][3:])
+        if any(fnmatch.fnmatchcase(p, c) for p in prefixes for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def check_dockerfile() -> str:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    lines = [l.strip() for l in dockerfile.replace("\\\n", " ").splitlines()]
+    build = [l for l in lines if "cargo build" in l]
+    require(len(build) == 1, "expected one `cargo build` step in the Dockerfile")
+    words = build[0].split()
+    for flag in ("--release", "--locked"):
+        require(flag in words, f"the Dockerfile's cargo build lacks {flag}")
+    bins = {words[i + 1] for i, w in enumerate(words[:-1]) if w == "--bin"}
+    require(bins == {"kvstore-api", "cavi-operator"}, f"the Dockerfile builds {sorted(bins)}, expected kvstore-api and cavi-operator")
+
+    proc = subprocess.run(["cargo", "metadata", "--no-deps", "--format-version", "1"], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    require(proc.returncode == 0, f"cargo metadata failed: {proc.stderr.strip()[-500:]}")
+    meta = json.loads(proc.stdout)
+    workspace_bins = {t["name"] for p in meta["packages"] for t in p["targets"] if "bin" in t["kind"]}
+    require(bins <= workspace_bins, f"the workspace has no binary {sorted(bins - workspace_bins)}")
+
+    def version(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("."))
+    rust_arg = next((l.split("=", 1)[1] for l in lines if l.startswith("ARG RUST_VERSION=")), None)
+    require(rust_arg is not None, "the Dockerfile has no ARG RUST_VERSION=<version>")
+    needed = max((p.get("rust_version") or "0") for p in meta["packages"])
+    require(version(rust_arg) >= version(needed), f"the Dockerfile builds with Rust {rust_arg}, the workspace needs {needed}")
+
+    final = dockerfile[dockerfile.rindex("\nFROM "):]
+    user = next((l.split()[1] for l in final.splitlines() if l.startswith("USER ")), "")
+    require(user.split(":")[0].isdigit() and user.split(":")[0] != "0", f"the runtime stage's USER is {user or 'unset'}, not a numeric non-root uid")
+    require('ENTRYPOINT ["kvstore-api"]' in final,
+            "the image's ENTRYPOINT is not kvstore-api, but the operator's node pods pass only args")
+
+    ignore = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.strip().startswith("#")]
+    root = Path(meta["workspace_root"])
+    needed_paths = ["Cargo.toml", "Cargo.lock"] + sorted(
+        str(Path(p["manifest_path"]).parent.relative_to(root)) for p in meta["packages"])
+    for needed_path in needed_paths:
+        require(not dockerignore_excludes(ignore, needed_path), f".dockerignore leaves {needed_path} out of the build context")
+    for must_go in ("target", ".git", ".venv"):
+        require(dockerignore_excludes(ignore, must_go), f".dockerignore does not leave {must_go} out of the build context")
+    return f"builds {', '.join(sorted(bins))} with Rust {rust_arg} (workspace needs {needed}); context keeps {', '.join(needed_paths)}"
+
+
+def check_commands(chart_docs: list[dict[str, Any]], plain_docs: list[dict[str, Any]],
+                   operator_docs: list[dict[str, Any]]) -> str:
+    """The pods start the binaries the image has, the way the image expects."""
+    for source, docs in (("chart", chart_docs), ("deploy/operator.yaml", plain_docs)):
+        c = the(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        require(c.get("command", [])[:2] == ["cavi-operator", "run"], f"{source}: the operator is not started as `cavi-operator run`")
+    sts = the(operator_docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    argv = (sts.get("command") or ["kvstore-api"]) + (sts.get("args") or [])
+    require(argv[:2] == ["kvstore-api", "from-hostname"],
+            f"node pods run {argv}, expected `kvstore-api from-hostname <config>`")
+    return "cavi-operator run; " + " ".join(argv)
+
+
+# --------------------------------------------------------------------------
 # e2e
 # --------------------------------------------------------------------------
 
@@ -699,6 +786,14 @@ def main() -> int:
         return "ClusterRole and Role rules identical"
     if "defaults" in rendered:
         report.run("rbac: deploy/operator.yaml and the chart grant the same rules", rbac_parity)
+
+    # The image.
+    report.run("image: Dockerfile and .dockerignore match the workspace", check_dockerfile)
+    if "defaults" in rendered and operator_renders:
+        report.run("image: pods start the image's binaries",
+                   lambda: check_commands(rendered["defaults"],
+                                          load_docs((ROOT / "deploy" / "operator.yaml").read_text(), "deploy/operator.yaml"),
+                                          next(iter(operator_renders.values()))))
 
     # 3. CRD identity.
     report.run(f"crd: {rel(CRD_FILE)} == `cavi-operator crd`", check_crd_generated)

@@ -171,6 +171,7 @@ step "kind load docker-image $image"
 kind load docker-image "$image" --name "$cluster"
 
 step "helm install $release into namespace $ns"
+[[ "${image##*/}" == *:* ]] || die "CAVI_E2E_IMAGE=$image has no tag (repository:tag)"
 repo="${image%:*}"
 tag="${image##*:}"
 h install "$release" "$root/charts/cavi-operator" \

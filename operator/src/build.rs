@@ -379,3 +379,390 @@ pub fn stateful_set(
         ..StatefulSet::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use cavi_node::config::ClusterConfig;
+
+    const DEMO: &str = r#"
+apiVersion: cavi.dev/v1alpha1
+kind: CaviCluster
+metadata:
+  name: demo
+  namespace: shop
+  uid: 6f1c2d1e-0000-4000-8000-000000000001
+spec:
+  image: registry.example/cavi:1.2.3
+  port: 4000
+  shards:
+    - { rangeStart: "a", rangeEnd: "m" }
+    - { rangeStart: "n", rangeEnd: "z" }
+    - { rangeStart: "{" }
+  resources:
+    requests: { cpu: 100m, memory: 64Mi }
+  placement:
+    nodeSelector: { disk: ssd }
+    tolerations:
+      - { key: dedicated, operator: Equal, value: cavi, effect: NoSchedule }
+"#;
+
+    fn demo() -> CaviCluster {
+        serde_yaml::from_str(DEMO).unwrap()
+    }
+
+    fn children(cluster: &CaviCluster) -> Children {
+        Children::build(cluster, "shop").unwrap()
+    }
+
+    fn expected_labels() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), "cavi".to_owned()),
+            ("app.kubernetes.io/instance".to_owned(), "demo".to_owned()),
+            (
+                "app.kubernetes.io/managed-by".to_owned(),
+                "cavi-operator".to_owned(),
+            ),
+        ])
+    }
+
+    fn expected_selector() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), "cavi".to_owned()),
+            ("app.kubernetes.io/instance".to_owned(), "demo".to_owned()),
+        ])
+    }
+
+    fn assert_common_metadata(meta: &ObjectMeta, name: &str) {
+        assert_eq!(meta.name.as_deref(), Some(name));
+        assert_eq!(meta.namespace.as_deref(), Some("shop"));
+        assert_eq!(meta.labels.as_ref(), Some(&expected_labels()));
+        let owners = meta.owner_references.as_ref().expect("owner reference");
+        assert_eq!(owners.len(), 1);
+        let owner = &owners[0];
+        assert_eq!(owner.api_version, "cavi.dev/v1alpha1");
+        assert_eq!(owner.kind, "CaviCluster");
+        assert_eq!(owner.name, "demo");
+        assert_eq!(owner.uid, "6f1c2d1e-0000-4000-8000-000000000001");
+        assert_eq!(owner.controller, Some(true));
+    }
+
+    fn config_yaml(cm: &ConfigMap) -> &str {
+        cm.data.as_ref().unwrap().get(CONFIG_KEY).unwrap()
+    }
+
+    #[test]
+    fn config_map_holds_the_node_config_with_headless_dns_addresses() {
+        let c = children(&demo());
+        assert_common_metadata(&c.config_map.metadata, "demo-config");
+        let data = c.config_map.data.as_ref().unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), vec!["config.yaml"]);
+        let config = ClusterConfig::from_yaml(config_yaml(&c.config_map)).unwrap();
+        assert_eq!(config, c.config);
+        let addrs: Vec<&str> = config.shards.iter().map(|s| s.addr.as_str()).collect();
+        assert_eq!(
+            addrs,
+            vec![
+                "demo-0.demo-headless.shop.svc.cluster.local:4000",
+                "demo-1.demo-headless.shop.svc.cluster.local:4000",
+                "demo-2.demo-headless.shop.svc.cluster.local:4000",
+            ]
+        );
+        let ids: Vec<u32> = config.shards.iter().map(|s| s.id).collect();
+        assert_eq!(ids, vec![0, 1, 2]);
+        assert_eq!(config.shards[0].range_start, "a");
+        assert_eq!(config.shards[0].range_end.as_deref(), Some("m"));
+        assert_eq!(config.shards[2].range_start, "{");
+        assert_eq!(config.shards[2].range_end, None);
+        assert_eq!(config.owner_of("mango").map(|s| s.id), Some(0));
+        assert_eq!(config.owner_of("zebra").map(|s| s.id), Some(1));
+        assert_eq!(config.owner_of("{x").map(|s| s.id), Some(2));
+        // Each shard's DNS name is one a node binds 0.0.0.0 for.
+        assert_eq!(
+            config.shards[1].default_listen_addr().unwrap().to_string(),
+            "0.0.0.0:4000"
+        );
+    }
+
+    #[test]
+    fn headless_service_publishes_unready_pods() {
+        let c = children(&demo());
+        let svc = &c.headless_service;
+        assert_common_metadata(&svc.metadata, "demo-headless");
+        let spec = svc.spec.as_ref().unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        assert_eq!(spec.selector.as_ref(), Some(&expected_selector()));
+        let ports = spec.ports.as_ref().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].name.as_deref(), Some("http"));
+        assert_eq!(ports[0].port, 4000);
+        assert_eq!(ports[0].target_port, Some(IntOrString::Int(4000)));
+        assert_eq!(ports[0].protocol.as_deref(), Some("TCP"));
+    }
+
+    #[test]
+    fn client_service_is_a_cluster_ip_on_the_same_port() {
+        let c = children(&demo());
+        let svc = &c.client_service;
+        assert_common_metadata(&svc.metadata, "demo");
+        let spec = svc.spec.as_ref().unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.cluster_ip, None, "the API server assigns it");
+        assert_eq!(spec.publish_not_ready_addresses, None);
+        assert_eq!(spec.selector.as_ref(), Some(&expected_selector()));
+        let ports = spec.ports.as_ref().unwrap();
+        assert_eq!(ports[0].port, 4000);
+        assert_eq!(ports[0].target_port, Some(IntOrString::Int(4000)));
+    }
+
+    #[test]
+    fn stateful_set_runs_one_pod_per_shard() {
+        let c = children(&demo());
+        let sts = &c.stateful_set;
+        assert_common_metadata(&sts.metadata, "demo");
+        let spec = sts.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.service_name.as_deref(), Some("demo-headless"));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(
+            spec.selector.match_labels.as_ref(),
+            Some(&expected_selector())
+        );
+        assert_eq!(spec.selector.match_expressions, None);
+        let template_meta = spec.template.metadata.as_ref().unwrap();
+        assert_eq!(template_meta.labels.as_ref(), Some(&expected_labels()));
+        // The selector must select the pods it creates.
+        for (k, v) in &expected_selector() {
+            assert_eq!(template_meta.labels.as_ref().unwrap().get(k), Some(v));
+        }
+        let annotations = template_meta.annotations.as_ref().unwrap();
+        assert_eq!(
+            annotations.get(CONFIG_HASH_ANNOTATION),
+            Some(&stable_hash(config_yaml(&c.config_map).as_bytes()))
+        );
+    }
+
+    #[test]
+    fn container_takes_its_shard_from_the_hostname_and_mounts_the_config() {
+        let c = children(&demo());
+        let pod = c.stateful_set.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.containers.len(), 1);
+        let container = &pod.containers[0];
+        assert_eq!(container.name, "kvstore");
+        assert_eq!(
+            container.image.as_deref(),
+            Some("registry.example/cavi:1.2.3")
+        );
+        assert_eq!(
+            container.args.as_deref(),
+            Some(
+                &[
+                    "from-hostname".to_owned(),
+                    "/etc/cavi/config.yaml".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(container.command, None, "the image's entrypoint runs");
+        let ports = container.ports.as_ref().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].container_port, 4000);
+        assert_eq!(ports[0].name.as_deref(), Some("http"));
+        let mounts = container.volume_mounts.as_ref().unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].mount_path, "/etc/cavi");
+        assert_eq!(mounts[0].read_only, Some(true));
+        let volumes = pod.volumes.as_ref().unwrap();
+        let volume = volumes.iter().find(|v| v.name == mounts[0].name).unwrap();
+        assert_eq!(volume.config_map.as_ref().unwrap().name, "demo-config");
+        let requests = container
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap();
+        assert_eq!(requests["cpu"].0, "100m");
+        assert_eq!(requests["memory"].0, "64Mi");
+    }
+
+    #[test]
+    fn probes_hit_healthz_and_readyz_on_the_port() {
+        let c = children(&demo());
+        let pod = c.stateful_set.spec.unwrap().template.spec.unwrap();
+        let container = &pod.containers[0];
+        let live = container
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(live.path.as_deref(), Some("/healthz"));
+        assert_eq!(live.port, IntOrString::Int(4000));
+        let ready = container
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(ready.port, IntOrString::Int(4000));
+    }
+
+    #[test]
+    fn security_context_is_restricted() {
+        let c = children(&demo());
+        let pod = c.stateful_set.spec.unwrap().template.spec.unwrap();
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.run_as_user, Some(65532));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let sc = pod.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.privileged, None);
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert_eq!(sc.capabilities.as_ref().unwrap().add, None);
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+    }
+
+    #[test]
+    fn placement_is_copied_and_absent_placement_sets_nothing() {
+        let c = children(&demo());
+        let pod = c.stateful_set.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.node_selector.as_ref().unwrap()["disk"], "ssd");
+        let tolerations = pod.tolerations.as_ref().unwrap();
+        assert_eq!(tolerations.len(), 1);
+        assert_eq!(tolerations[0].key.as_deref(), Some("dedicated"));
+        assert_eq!(tolerations[0].effect.as_deref(), Some("NoSchedule"));
+        assert_eq!(pod.affinity, None);
+
+        let mut bare = demo();
+        bare.spec.placement = None;
+        let pod = children(&bare)
+            .stateful_set
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        // Empty lists and maps are left out, so the API server's copy
+        // (which drops them) still matches.
+        assert_eq!(pod.node_selector, None);
+        assert_eq!(pod.tolerations, None);
+        assert_eq!(pod.affinity, None);
+    }
+
+    #[test]
+    fn defaults_fill_image_port_and_storage() {
+        let cluster: CaviCluster = serde_yaml::from_str(
+            "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\nmetadata: {name: d}\nspec:\n  shards: [{rangeEnd: m}]\n",
+        )
+        .unwrap();
+        assert_eq!(cluster.spec.port, 3100);
+        assert_eq!(
+            cluster.spec.image,
+            concat!("cavi:", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(cluster.spec.storage.type_, StorageType::Memory);
+        assert_eq!(cluster.spec.shards[0].range_start, "");
+        let c = Children::build(&cluster, "default").unwrap();
+        assert_eq!(
+            c.config.shards[0].addr,
+            "d-0.d-headless.default.svc.cluster.local:3100"
+        );
+        // Without a uid (a file, not an API object) there is no owner.
+        assert_eq!(c.config_map.metadata.owner_references, None);
+    }
+
+    fn hash_of(cluster: &CaviCluster) -> String {
+        children(cluster)
+            .stateful_set
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()
+            .remove(CONFIG_HASH_ANNOTATION)
+            .unwrap()
+    }
+
+    #[test]
+    fn config_hash_changes_when_and_only_when_the_layout_changes() {
+        let base = demo();
+        let h0 = hash_of(&base);
+        assert_eq!(h0.len(), 16);
+        assert_eq!(h0, hash_of(&demo()), "deterministic");
+
+        // Not the layout: image, resources, placement, labels of the CR.
+        let mut other = demo();
+        other.spec.image = "registry.example/cavi:9.9.9".into();
+        other.spec.resources = None;
+        other.spec.placement = None;
+        other.metadata.generation = Some(7);
+        assert_eq!(hash_of(&other), h0);
+
+        // The layout: a range, a new shard, the port (it is in every addr).
+        let mut range = demo();
+        range.spec.shards[1].range_end = Some("y".into());
+        assert_ne!(hash_of(&range), h0);
+        let mut more = demo();
+        more.spec.shards[2].range_end = Some("{z".into());
+        more.spec.shards.push(crate::crd::ShardRange {
+            range_start: "|".into(),
+            range_end: None,
+        });
+        assert_ne!(hash_of(&more), h0);
+        let mut port = demo();
+        port.spec.port = 4001;
+        assert_ne!(hash_of(&port), h0);
+    }
+
+    #[test]
+    fn stable_hash_is_fnv1a() {
+        // Reference values of 64-bit FNV-1a.
+        assert_eq!(stable_hash(b""), "cbf29ce484222325");
+        assert_eq!(stable_hash(b"a"), "af63dc4c8601ec8c");
+    }
+
+    #[test]
+    fn render_stream_has_four_documents_in_apply_order() {
+        let yaml = children(&demo()).to_yaml_stream().unwrap();
+        let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|d| {
+                let v = <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap();
+                format!(
+                    "{}/{}",
+                    v["kind"].as_str().unwrap(),
+                    v["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "ConfigMap/demo-config",
+                "Service/demo-headless",
+                "Service/demo",
+                "StatefulSet/demo"
+            ]
+        );
+    }
+}

@@ -45,6 +45,10 @@ pub enum Error {
     InvalidSpec(Invalid),
     #[error("the CaviCluster has no namespace")]
     MissingNamespace,
+    /// Children are owned through the cluster's uid, which every object
+    /// read from the API server has.
+    #[error("the CaviCluster has no metadata.uid")]
+    MissingUid,
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error("Kubernetes API request failed: {0}")]
@@ -59,7 +63,7 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            Error::InvalidSpec(_) | Error::MissingNamespace | Error::Build(_)
+            Error::InvalidSpec(_) | Error::MissingNamespace | Error::MissingUid | Error::Build(_)
         )
     }
 
@@ -68,6 +72,7 @@ impl Error {
         match self {
             Error::InvalidSpec(invalid) => invalid.reason,
             Error::MissingNamespace => "MissingNamespace",
+            Error::MissingUid => "MissingUid",
             Error::Build(_) => "BuildFailed",
             Error::Kube(_) => "KubeApi",
             Error::Encode(_) => "Encode",
@@ -167,6 +172,9 @@ pub fn applied_layout(config_map: &ConfigMap) -> Option<ClusterConfig> {
 
 async fn reconcile_inner(cluster: &CaviCluster, ctx: &Context) -> Result<Action, Error> {
     let namespace = cluster.namespace().ok_or(Error::MissingNamespace)?;
+    if cluster.metadata.uid.is_none() {
+        return Err(Error::MissingUid);
+    }
     let names = Names::new(cluster, &namespace)?;
     let client = &ctx.client;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);

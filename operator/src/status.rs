@@ -221,3 +221,247 @@ pub fn condition(
 pub fn find_condition<'a>(status: &'a CaviClusterStatus, type_: &str) -> Option<&'a Condition> {
     status.conditions.iter().find(|c| c.type_ == type_)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use cavi_node::config::ShardConfig;
+    use k8s_openapi::api::apps::v1::{StatefulSetSpec, StatefulSetStatus};
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn names() -> Names {
+        Names {
+            cluster: "demo".into(),
+            namespace: "ns".into(),
+        }
+    }
+
+    fn layout(n: u32) -> ClusterConfig {
+        ClusterConfig {
+            shards: (0..n)
+                .map(|i| ShardConfig {
+                    id: i,
+                    addr: format!("h{i}:1"),
+                    range_start: format!("k{i}"),
+                    range_end: Some(format!("k{i}")),
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn pod(name: &str, ready: bool) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..PodCondition::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    fn sts(replicas: i32, updated: i32, rolling: bool) -> StatefulSet {
+        StatefulSet {
+            metadata: ObjectMeta {
+                generation: Some(2),
+                ..ObjectMeta::default()
+            },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(replicas),
+                ..StatefulSetSpec::default()
+            }),
+            status: Some(StatefulSetStatus {
+                observed_generation: Some(2),
+                replicas,
+                updated_replicas: Some(updated),
+                current_revision: Some("r1".into()),
+                update_revision: Some(if rolling { "r2" } else { "r1" }.into()),
+                ..StatefulSetStatus::default()
+            }),
+        }
+    }
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    fn compute_with(
+        layout: &ClusterConfig,
+        sts: Option<&StatefulSet>,
+        pods: &[Pod],
+        invalid: Option<&Invalid>,
+        previous: Option<&CaviClusterStatus>,
+        now: Timestamp,
+    ) -> CaviClusterStatus {
+        compute(
+            &names(),
+            &Observed {
+                generation: Some(4),
+                previous,
+                layout,
+                invalid,
+                stateful_set: sts,
+                pods,
+            },
+            now,
+        )
+    }
+
+    fn cond<'a>(s: &'a CaviClusterStatus, t: &str) -> &'a Condition {
+        find_condition(s, t).unwrap()
+    }
+
+    #[test]
+    fn all_pods_ready_is_running() {
+        let pods = [pod("demo-0", true), pod("demo-1", true)];
+        let s = compute_with(
+            &layout(2),
+            Some(&sts(2, 2, false)),
+            &pods,
+            None,
+            None,
+            t(100),
+        );
+        assert_eq!(s.observed_generation, Some(4));
+        assert_eq!(s.shard_count, 2);
+        assert_eq!(s.ready_shards, 2);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(cond(&s, "Ready").status, "True");
+        assert_eq!(cond(&s, "Progressing").status, "False");
+        assert_eq!(cond(&s, "Degraded").status, "False");
+        assert_eq!(cond(&s, "Ready").observed_generation, Some(4));
+        assert_eq!(
+            s.shards[1],
+            ShardStatus {
+                id: 1,
+                range: "\"k1\"..=\"k1\"*".into(),
+                pod: "demo-1".into(),
+                ready: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_dead_pod_makes_ready_false_and_degraded_true() {
+        let pods = [
+            pod("demo-0", true),
+            pod("demo-1", false),
+            pod("demo-2", true),
+        ];
+        let s = compute_with(
+            &layout(3),
+            Some(&sts(3, 3, false)),
+            &pods,
+            None,
+            None,
+            t(100),
+        );
+        assert_eq!(s.ready_shards, 2);
+        assert_eq!(s.phase.as_deref(), Some("Degraded"));
+        let ready = cond(&s, "Ready");
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason, "ShardsNotReady");
+        assert!(ready.message.contains("demo-1"), "{}", ready.message);
+        assert_eq!(cond(&s, "Degraded").status, "True");
+        assert!(!s.shards[1].ready && s.shards[0].ready && s.shards[2].ready);
+
+        // A missing pod and a terminating pod are not ready either.
+        let mut terminating = pod("demo-1", true);
+        terminating.metadata.deletion_timestamp = Some(Time(t(90)));
+        let s = compute_with(
+            &layout(3),
+            Some(&sts(3, 3, false)),
+            &[pod("demo-0", true), terminating],
+            None,
+            None,
+            t(100),
+        );
+        assert_eq!(s.ready_shards, 1);
+        assert_eq!(cond(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn a_rollout_is_progressing_not_degraded() {
+        let pods = [pod("demo-0", true), pod("demo-1", false)];
+        let s = compute_with(
+            &layout(2),
+            Some(&sts(2, 1, true)),
+            &pods,
+            None,
+            None,
+            t(100),
+        );
+        assert_eq!(s.phase.as_deref(), Some("Progressing"));
+        assert_eq!(cond(&s, "Progressing").status, "True");
+        assert_eq!(cond(&s, "Degraded").status, "False");
+        assert_eq!(cond(&s, "Ready").status, "False");
+
+        let s = compute_with(&layout(2), None, &[], None, None, t(100));
+        assert_eq!(s.phase.as_deref(), Some("Progressing"));
+        assert!(cond(&s, "Progressing").message.contains("does not exist"));
+    }
+
+    #[test]
+    fn a_refused_spec_is_invalid_with_its_reason() {
+        let invalid = Invalid {
+            reason: "InvalidLayout",
+            message: "shards 0 and 1 overlap".into(),
+        };
+        let pods = [pod("demo-0", true), pod("demo-1", true)];
+        let s = compute_with(
+            &layout(2),
+            Some(&sts(2, 2, false)),
+            &pods,
+            Some(&invalid),
+            None,
+            t(100),
+        );
+        assert_eq!(s.phase.as_deref(), Some("Invalid"));
+        let ready = cond(&s, "Ready");
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason, "InvalidLayout");
+        assert_eq!(ready.message, "shards 0 and 1 overlap");
+        // The running shards are still reported truthfully.
+        assert_eq!(s.ready_shards, 2);
+    }
+
+    #[test]
+    fn transition_times_move_only_when_a_condition_flips() {
+        let ok = [pod("demo-0", true)];
+        let first = compute_with(&layout(1), Some(&sts(1, 1, false)), &ok, None, None, t(100));
+        let again = compute_with(
+            &layout(1),
+            Some(&sts(1, 1, false)),
+            &ok,
+            None,
+            Some(&first),
+            t(200),
+        );
+        assert_eq!(again, first, "nothing changed, so nothing to patch");
+
+        let down = [pod("demo-0", false)];
+        let flipped = compute_with(
+            &layout(1),
+            Some(&sts(1, 1, false)),
+            &down,
+            None,
+            Some(&first),
+            t(300),
+        );
+        assert_eq!(cond(&flipped, "Ready").last_transition_time, Time(t(300)));
+        assert_eq!(
+            cond(&flipped, "Progressing").last_transition_time,
+            Time(t(100))
+        );
+    }
+}

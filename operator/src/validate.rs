@@ -76,3 +76,124 @@ pub fn check_no_keys_move(applied: &ClusterConfig, next: &ClusterConfig) -> Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::crd::{CaviCluster, ShardRange};
+
+    fn range(start: &str, end: Option<&str>) -> ShardRange {
+        ShardRange {
+            range_start: start.into(),
+            range_end: end.map(Into::into),
+        }
+    }
+
+    fn spec(shards: Vec<ShardRange>) -> CaviClusterSpec {
+        let mut cluster: CaviCluster = serde_yaml::from_str(
+            "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\nmetadata: {name: demo, namespace: ns}\nspec: {shards: []}\n",
+        )
+        .unwrap();
+        cluster.spec.shards = shards;
+        cluster.spec
+    }
+
+    fn names() -> Names {
+        Names {
+            cluster: "demo".into(),
+            namespace: "ns".into(),
+        }
+    }
+
+    fn seed() -> Vec<ShardRange> {
+        vec![range("a", Some("m")), range("n", Some("z"))]
+    }
+
+    fn applied(shards: Vec<ShardRange>) -> ClusterConfig {
+        validate(&names(), &spec(shards), None).unwrap()
+    }
+
+    #[test]
+    fn a_sorted_layout_without_overlap_is_accepted() {
+        let config = validate(&names(), &spec(seed()), None).unwrap();
+        assert_eq!(config.shards.len(), 2);
+        assert_eq!(config.owner_of("zebra").map(|s| s.id), Some(1));
+    }
+
+    #[test]
+    fn overlap_is_refused_naming_both_shards() {
+        let err = validate(
+            &names(),
+            &spec(vec![range("a", Some("m")), range("ma", Some("z"))]),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(err.reason, REASON_INVALID_LAYOUT);
+        assert!(err.message.contains("overlap"), "{}", err.message);
+        assert!(err.message.contains("shards 0"), "{}", err.message);
+    }
+
+    #[test]
+    fn unsorted_inverted_empty_and_too_many_are_refused() {
+        let unsorted = validate(&names(), &spec(seed().into_iter().rev().collect()), None);
+        assert!(unsorted.unwrap_err().message.contains("key order"));
+        let inverted = validate(&names(), &spec(vec![range("n", Some("m"))]), None);
+        assert!(inverted.unwrap_err().message.contains("after range_end"));
+        let empty = validate(&names(), &spec(vec![]), None);
+        assert!(empty.unwrap_err().message.contains("no shards"));
+        let many: Vec<ShardRange> = (0..65)
+            .map(|i| range(&format!("k{i:03}"), Some(&format!("k{i:03}"))))
+            .collect();
+        let err = validate(&names(), &spec(many), None).unwrap_err();
+        assert!(err.message.contains("at most 64"), "{}", err.message);
+        let mut bad_port = spec(seed());
+        bad_port.port = 0;
+        assert!(
+            validate(&names(), &bad_port, None)
+                .unwrap_err()
+                .message
+                .contains("port")
+        );
+    }
+
+    #[test]
+    fn the_same_layout_and_growth_into_unowned_space_are_accepted() {
+        let old = applied(seed());
+        assert!(validate(&names(), &spec(seed()), Some(&old)).is_ok());
+        // Appending a shard for keys nobody owned.
+        let mut appended = seed();
+        appended.push(range("{", None));
+        assert!(validate(&names(), &spec(appended), Some(&old)).is_ok());
+        // Growing shard 1 up to the highest key (nobody owned "{"...).
+        let grown = vec![range("a", Some("m")), range("n", None)];
+        assert!(validate(&names(), &spec(grown), Some(&old)).is_ok());
+        // Growing shard 0 down to the lowest key.
+        let lower = vec![range("", Some("m")), range("n", Some("z"))];
+        assert!(validate(&names(), &spec(lower), Some(&old)).is_ok());
+    }
+
+    #[test]
+    fn changes_that_move_keys_are_refused() {
+        let old = applied(seed());
+        let shrink = vec![range("a", Some("f")), range("g", Some("z"))];
+        let err = validate(&names(), &spec(shrink), Some(&old)).unwrap_err();
+        assert_eq!(err.reason, REASON_KEYS_WOULD_MOVE);
+        assert!(err.message.contains("shard 0"), "{}", err.message);
+
+        let removed = vec![range("a", Some("m"))];
+        let err = validate(&names(), &spec(removed), Some(&old)).unwrap_err();
+        assert_eq!(err.reason, REASON_KEYS_WOULD_MOVE);
+        assert!(err.message.contains("shard 1") && err.message.contains("removed"));
+
+        // Inserting a shard in front renumbers every shard after it.
+        let inserted = vec![
+            range("", Some("0")),
+            range("a", Some("m")),
+            range("n", Some("z")),
+        ];
+        let err = validate(&names(), &spec(inserted), Some(&old)).unwrap_err();
+        assert_eq!(err.reason, REASON_KEYS_WOULD_MOVE);
+    }
+}

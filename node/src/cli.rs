@@ -2,7 +2,7 @@
 //! flags (each with an env var) for Kubernetes and for the limits.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use crate::config::ClusterConfig;
 use crate::dispatch::Node;
 use crate::server::{serve, shutdown_signal};
 use crate::settings::Settings;
-use crate::store::MemoryStore;
+use crate::store::{DiskOptions, DiskStore, MemoryStore, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +38,12 @@ pub struct Args {
     /// `0.0.0.0:<port>` when it is a DNS name.
     #[arg(long, env = "CAVI_LISTEN")]
     pub listen: Option<SocketAddr>,
+
+    /// Keep data on disk in this directory (one `shard-<id>` subdirectory
+    /// per shard; every acknowledged write is synced). Without it, data
+    /// lives in memory only.
+    #[arg(long, env = "CAVI_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 
     /// Longest key accepted, in bytes.
     #[arg(long, env = "CAVI_MAX_KEY_BYTES", default_value_t = 1024)]
@@ -173,21 +179,32 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Loads the config, binds every shard this process serves, and serves
-/// them until SIGTERM / Ctrl-C. Errors are sentences for the operator.
+/// Opens the storage a shard is configured with. Blocking (disk recovery).
+fn open_store(data_dir: Option<&Path>, node: &Node) -> Result<Arc<dyn Store>, String> {
+    let Some(root) = data_dir else {
+        return Ok(Arc::new(MemoryStore::new()));
+    };
+    let shard = node.shard();
+    let options = DiskOptions::new(root.join(format!("shard-{}", shard.id)));
+    let store = DiskStore::open(&options, shard.id, &shard.range()).map_err(|e| e.to_string())?;
+    tracing::info!(shard = shard.id, dir = %options.dir.display(), keys = store.len(), "storage open");
+    Ok(Arc::new(store))
+}
+
+/// Loads the config, binds every shard this process serves, opens their
+/// storage and serves them until SIGTERM / Ctrl-C. The listener is bound
+/// before storage opens, so `/healthz` answers during recovery and
+/// `/readyz` turns ready after it. Errors are sentences for the operator.
 pub async fn run(args: Args) -> Result<(), String> {
     let config = Arc::new(ClusterConfig::load(&args.config).map_err(|e| e.to_string())?);
     let settings = args.settings();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
+    let mut starting = Vec::new();
     for id in args.shard_ids(&config)? {
-        let node = Node::new(
-            config.clone(),
-            id,
-            Arc::new(MemoryStore::new()),
-            settings.clone(),
-        )
-        .map_err(|e| e.to_string())?;
+        let node = Arc::new(
+            Node::starting(config.clone(), id, settings.clone()).map_err(|e| e.to_string())?,
+        );
         let addr = match args.listen {
             Some(addr) => addr,
             None => node
@@ -198,26 +215,34 @@ pub async fn run(args: Args) -> Result<(), String> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))?;
-        tracing::info!(
-            shard = id,
-            %addr,
-            range = %node.shard().range(),
-            "serving"
-        );
+        tracing::info!(shard = id, %addr, range = %node.shard().range(), "listening");
         let mut stop = stop_rx.clone();
-        servers.spawn(async move {
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            serve(listener, Arc::new(node), stopped)
-                .await
-                .map_err(|e| format!("shard {id}: {e}"))
+        servers.spawn({
+            let node = node.clone();
+            async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                serve(listener, node, stopped)
+                    .await
+                    .map_err(|e| format!("shard {id}: {e}"))
+            }
         });
+        starting.push(node);
     }
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    for node in starting {
+        let dir = args.data_dir.clone();
+        let opening = node.clone();
+        let store = tokio::task::spawn_blocking(move || open_store(dir.as_deref(), &opening))
+            .await
+            .map_err(|e| format!("opening storage failed: {e}"))??;
+        node.attach_store(store);
+        tracing::info!(shard = node.shard().id, "ready");
+    }
     while let Some(done) = servers.join_next().await {
         done.map_err(|e| format!("server task failed: {e}"))??;
     }

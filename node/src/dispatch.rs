@@ -1,8 +1,8 @@
 //! The one place that decides "serve here or forward to the owner", between
 //! the HTTP handlers and the store / peer client.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -18,7 +18,9 @@ use crate::store::{Store, StoreError};
 pub struct Node {
     pub(crate) config: Arc<ClusterConfig>,
     pub(crate) me: ShardConfig,
-    pub(crate) store: Arc<dyn Store>,
+    /// Set once storage is open; until then key requests and `/readyz`
+    /// answer 503, while `/healthz` already answers.
+    store: OnceLock<Arc<dyn Store>>,
     pub(crate) peers: PeerClient,
     pub(crate) settings: Settings,
     ready: AtomicBool,
@@ -33,10 +35,23 @@ pub enum NodeError {
 }
 
 impl Node {
+    /// A node with its storage already open.
     pub fn new(
         config: Arc<ClusterConfig>,
         shard_id: u32,
         store: Arc<dyn Store>,
+        settings: Settings,
+    ) -> Result<Self, NodeError> {
+        let node = Self::starting(config, shard_id, settings)?;
+        node.attach_store(store);
+        Ok(node)
+    }
+
+    /// A node whose storage is still being opened (recovery can take a
+    /// while); it can serve `/healthz` in the meantime.
+    pub fn starting(
+        config: Arc<ClusterConfig>,
+        shard_id: u32,
         settings: Settings,
     ) -> Result<Self, NodeError> {
         let me = config.shard(shard_id).cloned().ok_or_else(|| {
@@ -51,11 +66,16 @@ impl Node {
         Ok(Self {
             config,
             me,
-            store,
+            store: OnceLock::new(),
             peers,
             settings,
             ready: AtomicBool::new(true),
         })
+    }
+
+    /// Makes the node ready to serve keys. Only the first call counts.
+    pub fn attach_store(&self, store: Arc<dyn Store>) {
+        let _ = self.store.set(store);
     }
 
     pub fn shard(&self) -> &ShardConfig {
@@ -66,8 +86,11 @@ impl Node {
         &self.config
     }
 
-    pub fn store(&self) -> &dyn Store {
-        self.store.as_ref()
+    pub fn store(&self) -> Result<&dyn Store, ApiError> {
+        self.store
+            .get()
+            .map(|s| s.as_ref())
+            .ok_or(ApiError::NotReady("storage is still opening"))
     }
 
     pub fn settings(&self) -> &Settings {
@@ -75,7 +98,7 @@ impl Node {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.store.get().is_some()
     }
 
     /// Called when shutdown starts, so `/readyz` turns load balancers away
@@ -119,7 +142,7 @@ impl Node {
             }
         }
         if self.me.owns(key) {
-            return self.apply_local(key, op);
+            return self.apply_local(key, op).await;
         }
         if let Some(by) = forwarded_by {
             return Err(ApiError::Misdirected {
@@ -143,19 +166,19 @@ impl Node {
             })
     }
 
-    fn apply_local(&self, key: &str, op: KvOp) -> Result<Response, ApiError> {
-        let store = self.store.as_ref();
+    async fn apply_local(&self, key: &str, op: KvOp) -> Result<Response, ApiError> {
+        let store = self.store()?;
         match op {
             KvOp::Get => match store.get(key).map_err(storage)? {
                 Some(value) => Ok(Json(value).into_response()),
                 None => Err(ApiError::KeyNotFound(key.to_owned())),
             },
             KvOp::Put(value) => {
-                store.put(key, &value).map_err(storage)?;
+                store.put(key, &value).await.map_err(storage)?;
                 Ok(StatusCode::NO_CONTENT.into_response())
             }
             KvOp::Delete => {
-                store.delete(key).map_err(storage)?;
+                store.delete(key).await.map_err(storage)?;
                 Ok(StatusCode::NO_CONTENT.into_response())
             }
         }

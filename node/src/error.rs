@@ -47,8 +47,8 @@ pub enum ApiError {
     RequestTimeout(std::time::Duration),
     #[error("storage failure: {0}")]
     Storage(String),
-    #[error("node is shutting down")]
-    NotReady,
+    #[error("node is not ready: {0}")]
+    NotReady(&'static str),
     #[error("no route for {0}")]
     RouteNotFound(String),
     #[error("method not allowed on this path")]
@@ -96,7 +96,7 @@ impl ApiError {
                 .unwrap_or(StatusCode::BAD_GATEWAY),
             RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -119,7 +119,7 @@ impl ApiError {
             SearchIncomplete(_) => "search_incomplete",
             RequestTimeout(_) => "request_timeout",
             Storage(_) => "storage_error",
-            NotReady => "not_ready",
+            NotReady(_) => "not_ready",
             RouteNotFound(_) => "route_not_found",
             MethodNotAllowed => "method_not_allowed",
         }

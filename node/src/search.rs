@@ -54,7 +54,7 @@ impl Node {
         let limit = params.limit.unwrap_or(usize::MAX);
         if forwarded || params.scope == Scope::Local {
             let entries = self
-                .store()
+                .store()?
                 .scan_prefix(&params.prefix, limit)
                 .map_err(storage)?;
             return Ok(SearchResult {
@@ -78,7 +78,7 @@ impl Node {
         // Our own part runs while the peers are asked.
         if self.shard().range().may_hold_prefix(&params.prefix) {
             entries.extend(
-                self.store()
+                self.store()?
                     .scan_prefix(&params.prefix, limit)
                     .map_err(storage)?,
             );

@@ -97,6 +97,6 @@ async fn a_thousand_concurrent_mixed_requests_lose_nothing() {
             }
         }
     }
-    let stored = c.node(0).node.store().len() + c.node(1).node.store().len();
+    let stored = c.node(0).node.store().unwrap().len() + c.node(1).node.store().unwrap().len();
     assert_eq!(stored, expected.values().filter(|v| v.is_some()).count());
 }

@@ -61,7 +61,13 @@ async fn awkward_keys_round_trip_exactly_through_a_non_owner() {
         }
         let owner = c.config.owner_of(key).unwrap().id as usize;
         assert_eq!(
-            c.node(owner).node.store().get(key).unwrap().as_deref(),
+            c.node(owner)
+                .node
+                .store()
+                .unwrap()
+                .get(key)
+                .unwrap()
+                .as_deref(),
             Some(format!("{value} via 1").as_str()),
             "{key:?} is stored under its exact name on its owner"
         );
@@ -97,7 +103,7 @@ async fn nodes_whose_configs_disagree_answer_421_after_one_hop() {
         assert_eq!(answer.code(), "misdirected");
         assert!(answer.error().contains("shard 1"), "{answer:?}");
     }
-    assert!(node_a.node.store().is_empty() && node_b.node.store().is_empty());
+    assert!(node_a.node.store().unwrap().is_empty() && node_b.node.store().unwrap().is_empty());
 
     // A forwarded request for a key the receiver owns is served normally.
     let direct = client

@@ -107,10 +107,11 @@ async fn healthz() -> Json<Status> {
 }
 
 async fn readyz(State(node): State<AppState>) -> Result<Json<Status>, ApiError> {
+    node.store()?;
     if node.is_ready() {
         Ok(Json(Status { status: "ready" }))
     } else {
-        Err(ApiError::NotReady)
+        Err(ApiError::NotReady("shutting down"))
     }
 }
 
@@ -124,12 +125,12 @@ pub struct ClusterView {
     pub shards: Vec<ShardConfig>,
 }
 
-async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
-    Json(ClusterView {
+async fn cluster(State(node): State<AppState>) -> Result<Json<ClusterView>, ApiError> {
+    Ok(Json(ClusterView {
         shard_id: node.shard().id,
-        keys: node.store().len(),
+        keys: node.store()?.len(),
         shards: node.config().shards.clone(),
-    })
+    }))
 }
 
 async fn route_not_found(uri: Uri) -> ApiError {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{Entry, Store, StoreError};
+use super::{Entry, Store, StoreError, WriteAck};
 
 /// `Box<str>` instead of `String` saves a capacity word per key and value.
 #[derive(Debug, Default)]
@@ -34,13 +34,14 @@ impl Store for MemoryStore {
         Ok(self.read().get(key).map(|v| v.to_string()))
     }
 
-    fn put(&self, key: &str, value: &str) -> Result<(), StoreError> {
+    fn put(&self, key: &str, value: &str) -> WriteAck {
         self.write().insert(key.into(), value.into());
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
-    fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        Ok(self.write().remove(key).is_some())
+    fn delete(&self, key: &str) -> WriteAck {
+        self.write().remove(key);
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, StoreError> {
@@ -66,15 +67,22 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
 
+    fn put(s: &MemoryStore, k: &str, v: &str) {
+        // The memory engine acknowledges before returning.
+        let ack = s.put(k, v);
+        assert!(s.get(k).expect("get").is_some());
+        drop(ack);
+    }
+
     #[test]
     fn put_get_delete() {
         let s = MemoryStore::new();
         assert_eq!(s.get("a").expect("get"), None);
-        s.put("a", "1").expect("put");
-        s.put("a", "2").expect("put");
+        put(&s, "a", "1");
+        put(&s, "a", "2");
         assert_eq!(s.get("a").expect("get").as_deref(), Some("2"));
-        assert!(s.delete("a").expect("delete"));
-        assert!(!s.delete("a").expect("delete"));
+        drop(s.delete("a"));
+        drop(s.delete("a"));
         assert!(s.is_empty());
     }
 
@@ -82,7 +90,7 @@ mod tests {
     fn prefix_scan_is_a_sorted_range_with_a_limit() {
         let s = MemoryStore::new();
         for k in ["fa", "f", "fz", "g", "e", "f\u{10ffff}", "fb"] {
-            s.put(k, &k.to_uppercase()).expect("put");
+            put(&s, k, &k.to_uppercase());
         }
         let keys: Vec<String> = s
             .scan_prefix("f", usize::MAX)
@@ -105,7 +113,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..500 {
                         let k = format!("k{t}-{i}");
-                        s.put(&k, "v").expect("put");
+                        drop(s.put(&k, "v"));
                         assert_eq!(s.get(&k).expect("get").as_deref(), Some("v"));
                     }
                 })

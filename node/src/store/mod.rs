@@ -2,8 +2,13 @@
 //! layer and storage engines; every implementation keeps keys ordered so a
 //! prefix search is a range scan, not a full scan.
 
+mod disk;
 mod memory;
 
+use std::future::Future;
+use std::pin::Pin;
+
+pub use disk::{DiskOptions, DiskStore};
 pub use memory::MemoryStore;
 
 use serde::{Deserialize, Serialize};
@@ -15,22 +20,28 @@ pub struct Entry {
     pub value: String,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
 pub struct StoreError(pub String);
 
+/// Resolves once a write is applied and, for a durable engine, synced.
+/// Boxed so the trait stays object-safe; writes are awaited rather than
+/// blocking a runtime thread, which is what lets a disk engine gather
+/// concurrent writers into one sync.
+pub type WriteAck = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
 /// A shard's ordered key-value storage.
 ///
-/// Methods are synchronous: the in-memory engine never blocks, and an engine
-/// that does (disk) is expected to return only once the write is durable.
+/// Reads are synchronous: the memory engine never blocks and the disk
+/// engine serves them from its memtable and caches.
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
-    fn put(&self, key: &str, value: &str) -> Result<(), StoreError>;
-    /// Removes `key`; returns whether it existed.
-    fn delete(&self, key: &str) -> Result<bool, StoreError>;
+    fn put(&self, key: &str, value: &str) -> WriteAck;
+    /// Removes `key`; removing a missing key is not an error.
+    fn delete(&self, key: &str) -> WriteAck;
     /// Up to `limit` entries whose key starts with `prefix`, sorted by key.
     fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, StoreError>;
-    /// Number of keys stored.
+    /// Number of keys stored; engines that cannot count cheaply estimate.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0

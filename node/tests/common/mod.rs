@@ -3,6 +3,8 @@
 //! and never answer), and a small HTTP client speaking the wire format.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

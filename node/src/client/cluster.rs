@@ -1,0 +1,229 @@
+//! `cavi cluster`: the shard map from one node, then every shard asked
+//! directly, all at once, for its health (`/readyz`) and key count
+//! (`/cluster`). A shard that does not answer is reported, not fatal.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::table::{Table, range_label};
+use super::{Client, ClientError};
+use crate::config::ShardConfig;
+
+/// How long each shard has to answer its two probes.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A shard's health as seen from this client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// `/readyz` answered `200`.
+    Ready,
+    /// The node answered, but not ready (shutting down) or with an error.
+    NotReady(String),
+    /// No answer: refused, unresolvable name, timeout.
+    Unreachable(String),
+    /// The address answers for another shard id: the configs disagree.
+    WrongShard(u32),
+}
+
+impl Health {
+    /// The word shown in the table and in JSON.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Health::Ready => "ready",
+            Health::NotReady(_) => "not ready",
+            Health::Unreachable(_) => "unreachable",
+            Health::WrongShard(_) => "wrong shard",
+        }
+    }
+
+    /// Why, when not ready.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Health::Ready => None,
+            Health::NotReady(why) | Health::Unreachable(why) => Some(why.clone()),
+            Health::WrongShard(id) => Some(format!("this address serves shard {id}")),
+        }
+    }
+}
+
+/// One row of `cavi cluster`.
+#[derive(Debug, Clone)]
+pub struct ShardStatus {
+    pub shard: ShardConfig,
+    pub health: Health,
+    /// The shard's own key count; `None` when it did not say.
+    pub keys: Option<usize>,
+}
+
+/// The JSON form of one row.
+#[derive(Debug, Serialize)]
+struct ShardJson<'a> {
+    id: u32,
+    addr: &'a str,
+    range_start: &'a str,
+    range_end: Option<&'a str>,
+    range: String,
+    health: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    keys: Option<usize>,
+}
+
+/// The shard map as `client`'s node sees it, each shard probed directly.
+pub async fn cluster_status(
+    client: &Client,
+    probe_timeout: Duration,
+) -> Result<Vec<ShardStatus>, ClientError> {
+    let view = client.cluster().await?;
+    let probes: Vec<_> = view
+        .shards
+        .into_iter()
+        .map(|shard| {
+            let node = client.for_addr(&shard.addr, probe_timeout);
+            tokio::spawn(probe(node, shard))
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(probes.len());
+    for probe in probes {
+        let status = probe.await.map_err(|e| ClientError::BadResponse {
+            endpoint: client.endpoint().to_owned(),
+            detail: format!("a shard probe failed: {e}"),
+        })?;
+        statuses.push(status);
+    }
+    Ok(statuses)
+}
+
+async fn probe(node: Client, shard: ShardConfig) -> ShardStatus {
+    let (view, ready) = tokio::join!(node.cluster(), node.ready());
+    let mut health = match ready {
+        Ok(()) => Health::Ready,
+        Err(ClientError::Unreachable { reason, .. }) => Health::Unreachable(reason),
+        Err(e) => Health::NotReady(e.to_string()),
+    };
+    let keys = match view {
+        Ok(view) if view.shard_id != shard.id => {
+            health = Health::WrongShard(view.shard_id);
+            None
+        }
+        Ok(view) => Some(view.keys),
+        Err(_) => None,
+    };
+    ShardStatus {
+        shard,
+        health,
+        keys,
+    }
+}
+
+/// The table: shard, range, address, health, keys (`-` when unknown).
+pub fn render_table(statuses: &[ShardStatus]) -> String {
+    let mut table = Table::new(["SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS"]);
+    for s in statuses {
+        table.push([
+            s.shard.id.to_string(),
+            range_label(&s.shard.range_start, s.shard.range_end.as_deref()),
+            s.shard.addr.clone(),
+            s.health.label().to_owned(),
+            s.keys.map_or_else(|| "-".to_owned(), |k| k.to_string()),
+        ]);
+    }
+    table.render()
+}
+
+/// A JSON array, one object per shard.
+pub fn render_json(statuses: &[ShardStatus]) -> Result<String, ClientError> {
+    let rows: Vec<ShardJson<'_>> = statuses
+        .iter()
+        .map(|s| ShardJson {
+            id: s.shard.id,
+            addr: &s.shard.addr,
+            range_start: &s.shard.range_start,
+            range_end: s.shard.range_end.as_deref(),
+            range: range_label(&s.shard.range_start, s.shard.range_end.as_deref()),
+            health: s.health.label(),
+            detail: s.health.detail(),
+            keys: s.keys,
+        })
+        .collect();
+    serde_json::to_string_pretty(&rows).map_err(|e| ClientError::Output(e.to_string()))
+}
+
+/// Lines for stderr explaining the shards that were not ready, and a hint
+/// when some did not answer at all.
+pub fn notes(statuses: &[ShardStatus]) -> Vec<String> {
+    let mut notes: Vec<String> = statuses
+        .iter()
+        .filter_map(|s| {
+            s.health
+                .detail()
+                .map(|why| format!("shard {} at {}: {why}", s.shard.id, s.shard.addr))
+        })
+        .collect();
+    if statuses
+        .iter()
+        .any(|s| matches!(s.health, Health::Unreachable(_)))
+    {
+        notes.push(
+            "shards are probed at the addresses the cluster advertises; from outside \
+             Kubernetes those may be cluster-internal names that only resolve inside it"
+                .to_owned(),
+        );
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(id: u32, end: Option<&str>, health: Health, keys: Option<usize>) -> ShardStatus {
+        ShardStatus {
+            shard: ShardConfig {
+                id,
+                addr: format!("demo-{id}.demo:3100"),
+                range_start: if id == 0 { String::new() } else { "n".into() },
+                range_end: end.map(str::to_owned),
+            },
+            health,
+            keys,
+        }
+    }
+
+    #[test]
+    fn table_shows_ranges_health_and_unknown_counts() {
+        let rows = [
+            status(0, Some("m"), Health::Ready, Some(12)),
+            status(
+                1,
+                None,
+                Health::Unreachable("connection refused".into()),
+                None,
+            ),
+        ];
+        let line = |a: &str, b: &str, c: &str, d: &str, e: &str| {
+            format!("{a:<5}  {b:<12}  {c:<16}  {d:<11}  {e}\n")
+        };
+        let expected = line("SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS")
+            + &line("0", "(lowest)..m*", "demo-0.demo:3100", "ready", "12")
+            + &line("1", "n..(highest)", "demo-1.demo:3100", "unreachable", "-");
+        assert_eq!(render_table(&rows), expected);
+        let notes = notes(&rows);
+        assert_eq!(notes.len(), 2);
+        assert!(notes[0].contains("shard 1 at demo-1.demo:3100: connection refused"));
+        assert!(notes[1].contains("cluster-internal"));
+    }
+
+    #[test]
+    fn json_has_null_keys_for_a_silent_shard() {
+        let rows = [status(1, None, Health::WrongShard(4), None)];
+        let json: serde_json::Value =
+            serde_json::from_str(&render_json(&rows).expect("json")).expect("valid json");
+        assert_eq!(json[0]["health"], "wrong shard");
+        assert_eq!(json[0]["keys"], serde_json::Value::Null);
+        assert_eq!(json[0]["range_end"], serde_json::Value::Null);
+        assert_eq!(json[0]["range"], "n..(highest)");
+        assert_eq!(json[0]["detail"], "this address serves shard 4");
+    }
+}

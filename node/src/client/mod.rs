@@ -1,0 +1,380 @@
+//! The `cavi` command-line client: a typed HTTP client for a node's API
+//! ([`Client`]), the commands built on it, and their output.
+//!
+//! The binary `src/bin/cavi.rs` only parses arguments, calls
+//! [`command::run`] and turns a [`ClientError`] into `cavi: <sentence>` and
+//! an exit code.
+
+pub mod cluster;
+pub mod command;
+mod error;
+pub mod load;
+pub mod table;
+
+use std::time::Duration;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ClusterView, PARTIAL_HEADER};
+use crate::error::ErrorBody;
+
+pub use error::{ClientError, EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE};
+
+/// Where `cavi` looks for a node when neither `--endpoint` nor
+/// `CAVI_ENDPOINT` says otherwise: the first shard of the local quick start.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:3100";
+
+/// Everything but the unreserved characters `A-Za-z0-9-._~` is escaped,
+/// `/`, `?`, `%` and `+` included, in path segments and query values alike.
+const ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// One stored pair, as `/search` lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: String,
+    pub value: String,
+}
+
+/// The answer to a search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchAnswer {
+    pub entries: Vec<Entry>,
+    /// The shards missing from a partial answer (`x-cavi-partial`), as the
+    /// node named them; `None` when the answer is complete.
+    pub missing: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PutRequest<'a> {
+    value: &'a str,
+}
+
+/// A typed client for one node's HTTP API. Cheap to clone: clones share
+/// one connection pool.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client for the node at `endpoint` (`http://host:port`; a bare
+    /// `host:port` means plain http), waiting at most `timeout` for any one
+    /// answer.
+    pub fn new(endpoint: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let base = normalize_endpoint(endpoint)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| ClientError::Usage(format!("cannot set up the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base,
+            timeout,
+        })
+    }
+
+    /// The base URL this client talks to, without a trailing `/`.
+    pub fn endpoint(&self) -> &str {
+        &self.base
+    }
+
+    /// A client for another node, given its advertised `host:port`, sharing
+    /// this client's connections and waiting at most `timeout`.
+    pub fn for_addr(&self, addr: &str, timeout: Duration) -> Self {
+        Self {
+            http: self.http.clone(),
+            base: format!("http://{addr}"),
+            timeout,
+        }
+    }
+
+    /// The URL of a key: `/kv/{key}` with the key escaped as one path
+    /// segment, or `/kv?key=` for `.` and `..`, which URL libraries would
+    /// otherwise rewrite as dot segments.
+    pub fn key_url(&self, key: &str) -> String {
+        let escaped = utf8_percent_encode(key, ESCAPE);
+        if key == "." || key == ".." {
+            format!("{}/kv?key={escaped}", self.base)
+        } else {
+            format!("{}/kv/{escaped}", self.base)
+        }
+    }
+
+    /// The value of `key`; a missing key is the server's `404` sentence.
+    pub async fn get(&self, key: &str) -> Result<String, ClientError> {
+        let (_, body) = self.send(self.http.get(self.key_url(key))).await?;
+        self.parse(&body)
+    }
+
+    pub async fn put(&self, key: &str, value: &str) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(&PutRequest { value }).map_err(|e| {
+            ClientError::Input(format!("cannot encode the value of {key:?} as JSON: {e}"))
+        })?;
+        let request = self
+            .http
+            .put(self.key_url(key))
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        self.send(request).await.map(drop)
+    }
+
+    /// Deletes `key`; deleting a missing key succeeds.
+    pub async fn delete(&self, key: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.key_url(key)))
+            .await
+            .map(drop)
+    }
+
+    /// Every pair whose key starts with `prefix`, sorted by key, from every
+    /// shard. With `partial`, shards that fail are left out and named in
+    /// [`SearchAnswer::missing`] instead of failing the search.
+    pub async fn search(
+        &self,
+        prefix: &str,
+        limit: Option<usize>,
+        partial: bool,
+    ) -> Result<SearchAnswer, ClientError> {
+        let mut url = format!(
+            "{}/search?prefix={}",
+            self.base,
+            utf8_percent_encode(prefix, ESCAPE)
+        );
+        if let Some(limit) = limit {
+            url.push_str(&format!("&limit={limit}"));
+        }
+        if partial {
+            url.push_str("&partial=true");
+        }
+        let (headers, body) = self.send(self.http.get(url)).await?;
+        let missing = headers
+            .get(PARTIAL_HEADER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        Ok(SearchAnswer {
+            entries: self.parse(&body)?,
+            missing,
+        })
+    }
+
+    /// The shard map as this node sees it, and its own key count.
+    pub async fn cluster(&self) -> Result<ClusterView, ClientError> {
+        let (_, body) = self
+            .send(self.http.get(format!("{}/cluster", self.base)))
+            .await?;
+        self.parse(&body)
+    }
+
+    /// `Ok` when the node answers `/readyz` with `200`; a node that is
+    /// shutting down answers `503 not_ready`, a [`ClientError::Server`].
+    pub async fn ready(&self) -> Result<(), ClientError> {
+        self.send(self.http.get(format!("{}/readyz", self.base)))
+            .await
+            .map(drop)
+    }
+
+    /// Sends `request`; a success is its headers and body, an error status
+    /// is the server's sentence, a transport failure is `Unreachable`.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(HeaderMap, Vec<u8>), ClientError> {
+        let response = request
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| self.transport(&e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport(&e))?
+            .to_vec();
+        if status.is_success() {
+            Ok((headers, body))
+        } else {
+            Err(self.server_error(status, &body))
+        }
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(&self, body: &[u8]) -> Result<T, ClientError> {
+        serde_json::from_slice(body).map_err(|e| ClientError::BadResponse {
+            endpoint: self.base.clone(),
+            detail: format!("{e} in {}", snippet(body)),
+        })
+    }
+
+    fn server_error(&self, status: StatusCode, body: &[u8]) -> ClientError {
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(ErrorBody { error, code }) => ClientError::Server {
+                status: status.as_u16(),
+                code,
+                sentence: error,
+            },
+            Err(_) => ClientError::Server {
+                status: status.as_u16(),
+                code: String::new(),
+                sentence: if body.is_empty() {
+                    format!("{} answered {status}", self.base)
+                } else {
+                    format!("{} answered {status}: {}", self.base, snippet(body))
+                },
+            },
+        }
+    }
+
+    fn transport(&self, e: &reqwest::Error) -> ClientError {
+        let reason = if e.is_timeout() {
+            format!("no answer within {}", seconds(self.timeout))
+        } else {
+            root_cause(e)
+        };
+        ClientError::Unreachable {
+            endpoint: self.base.clone(),
+            reason,
+        }
+    }
+}
+
+/// `http://host:port` without a trailing `/`; a bare `host:port` gets
+/// `http://`. Only plain http is spoken.
+pub fn normalize_endpoint(endpoint: &str) -> Result<String, ClientError> {
+    let trimmed = endpoint.trim().trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err(ClientError::Usage(
+            "the endpoint is empty: pass --endpoint http://HOST:PORT".into(),
+        ));
+    }
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let url = reqwest::Url::parse(&with_scheme).map_err(|e| {
+        ClientError::Usage(format!(
+            "the endpoint {endpoint:?} is not a URL ({e}): pass e.g. http://127.0.0.1:3100"
+        ))
+    })?;
+    if url.scheme() != "http" {
+        return Err(ClientError::Usage(format!(
+            "the endpoint {endpoint:?} uses {}: cavi speaks plain http to a node (e.g. through kubectl port-forward)",
+            url.scheme()
+        )));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ClientError::Usage(format!(
+            "the endpoint {endpoint:?} must not have a query or fragment"
+        )));
+    }
+    Ok(with_scheme)
+}
+
+/// The innermost cause of a transport error, in words: for a refused
+/// connection `connection refused`, not reqwest's chain of wrappers.
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        if let Some(io) = next.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+                std::io::ErrorKind::TimedOut => "timed out".into(),
+                _ => io.to_string(),
+            };
+        }
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// At most 200 characters of a body, for error messages.
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return "an empty body".into();
+    }
+    let mut short: String = text.chars().take(200).collect();
+    if short.len() < text.len() {
+        short.push('…');
+    }
+    format!("{short:?}")
+}
+
+/// `2s`, `1.5s`, `250ms`.
+pub fn seconds(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> Client {
+        Client::new("127.0.0.1:3100/", Duration::from_secs(1)).expect("a client")
+    }
+
+    #[test]
+    fn keys_are_one_escaped_path_segment() {
+        let c = client();
+        assert_eq!(c.endpoint(), "http://127.0.0.1:3100");
+        assert_eq!(c.key_url("foo"), "http://127.0.0.1:3100/kv/foo");
+        assert_eq!(
+            c.key_url("a/b?c d%+é"),
+            "http://127.0.0.1:3100/kv/a%2Fb%3Fc%20d%25%2B%C3%A9"
+        );
+        assert_eq!(c.key_url("A-z.0_~"), "http://127.0.0.1:3100/kv/A-z.0_~");
+        assert_eq!(c.key_url("."), "http://127.0.0.1:3100/kv?key=.");
+        assert_eq!(c.key_url(".."), "http://127.0.0.1:3100/kv?key=..");
+        assert_eq!(c.key_url("..."), "http://127.0.0.1:3100/kv/...");
+    }
+
+    #[test]
+    fn endpoints_are_plain_http_urls() {
+        assert_eq!(
+            normalize_endpoint("http://node:3100").ok().as_deref(),
+            Some("http://node:3100")
+        );
+        assert_eq!(
+            normalize_endpoint(" localhost:3101 ").ok().as_deref(),
+            Some("http://localhost:3101")
+        );
+        for bad in [
+            "",
+            "https://node:3100",
+            "http://node:3100/?x=1",
+            "http://[::1",
+        ] {
+            let e = normalize_endpoint(bad).expect_err(bad);
+            assert_eq!(e.exit_code(), EXIT_USAGE, "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn put_bodies_are_json_encoded() {
+        let body = serde_json::to_string(&PutRequest {
+            value: "say \"hi\"\n",
+        })
+        .expect("json");
+        assert_eq!(body, r#"{"value":"say \"hi\"\n"}"#);
+    }
+
+    #[test]
+    fn snippets_are_short_and_quoted() {
+        assert_eq!(snippet(b""), "an empty body");
+        assert_eq!(snippet(b"404 page not found\n"), "\"404 page not found\"");
+        assert_eq!(snippet("x".repeat(300).as_bytes()).chars().count(), 203);
+    }
+}

@@ -3,6 +3,8 @@
 //! on any request it did not expect, including a write in steady state.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,19 +14,16 @@ use cavi_operator::build::{CONFIG_KEY, Children, Names};
 use cavi_operator::crd::{CaviCluster, CaviClusterStatus};
 use cavi_operator::reconcile::{Context, Error, error_policy, reconcile};
 use cavi_operator::status::{self, Observed, find_condition};
-use http::{Method, Request, Response, StatusCode};
+use common::{ApiServer, mock_client};
+use http::{Method, StatusCode};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodCondition, PodStatus, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::Client;
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tower_test::mock::{self, Handle, SendResponse};
 
 const NS: &str = "shop";
 const UID: &str = "0b5e2c9a-1111-4222-8333-444455556666";
@@ -51,121 +50,8 @@ fn names() -> Names {
     }
 }
 
-/// One request the reconciler made, with its body read.
-struct Call {
-    method: Method,
-    path: String,
-    query: String,
-    content_type: Option<String>,
-    body: Vec<u8>,
-    send: SendResponse<Response<Body>>,
-}
-
-impl Call {
-    fn assert(&self, method: Method, path: &str) {
-        assert_eq!(
-            (&self.method, self.path.as_str()),
-            (&method, path),
-            "unexpected request {} {}?{}",
-            self.method,
-            self.path,
-            self.query
-        );
-    }
-
-    /// Asserts a server-side apply under the operator's field manager.
-    fn assert_apply(&self, path: &str) {
-        self.assert(Method::PATCH, path);
-        assert!(
-            self.query.contains("fieldManager=cavi-operator"),
-            "{}",
-            self.query
-        );
-        assert!(self.query.contains("force=true"), "{}", self.query);
-        assert_eq!(
-            self.content_type.as_deref(),
-            Some("application/apply-patch+yaml")
-        );
-    }
-
-    fn json<T: DeserializeOwned>(&self) -> T {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-
-    fn respond(self, status: StatusCode, body: &impl Serialize) {
-        self.send.send_response(
-            Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(body).unwrap()))
-                .unwrap(),
-        );
-    }
-
-    fn ok(self, body: &impl Serialize) {
-        self.respond(StatusCode::OK, body);
-    }
-
-    fn not_found(self) {
-        let what = self.path.rsplit('/').next().unwrap_or_default().to_owned();
-        self.respond(
-            StatusCode::NOT_FOUND,
-            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": format!("\"{what}\" not found"), "reason": "NotFound", "code": 404}),
-        );
-    }
-
-    /// Answers an apply the way the API server does: the applied object,
-    /// with server-set fields.
-    fn echo_applied(self) {
-        let mut obj: Value = self.json();
-        obj["metadata"]["resourceVersion"] = json!("100");
-        obj["metadata"]["uid"] = json!("child-uid");
-        self.ok(&obj);
-    }
-}
-
-struct ApiServer(Handle<Request<Body>, Response<Body>>);
-
-impl ApiServer {
-    async fn next(&mut self) -> Call {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(10), self.0.next_request())
-            .await
-            .expect("the reconciler made no further request")
-            .expect("the client was dropped before the expected request");
-        let (parts, body) = request.into_parts();
-        Call {
-            method: parts.method,
-            path: parts.uri.path().to_owned(),
-            query: parts.uri.query().unwrap_or_default().to_owned(),
-            content_type: parts
-                .headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            body: body.collect_bytes().await.unwrap().to_vec(),
-            send,
-        }
-    }
-
-    /// After the reconcile is over and its context dropped: nothing more.
-    async fn assert_done(mut self) {
-        let next = tokio::time::timeout(Duration::from_secs(10), self.0.next_request())
-            .await
-            .expect("the mock client was never dropped");
-        if let Some((request, _)) = next {
-            panic!(
-                "unexpected extra request: {} {}",
-                request.method(),
-                request.uri()
-            );
-        }
-    }
-}
-
 fn context() -> (Arc<Context>, ApiServer, Arc<Metrics>) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
+    let (client, server) = mock_client();
     let metrics = Arc::new(Metrics::default());
     let ctx = Context::new(
         client,
@@ -175,7 +61,7 @@ fn context() -> (Arc<Context>, ApiServer, Arc<Metrics>) {
         },
         metrics.clone(),
     );
-    (Arc::new(ctx), ApiServer(handle), metrics)
+    (Arc::new(ctx), server, metrics)
 }
 
 const CM_PATH: &str = "/api/v1/namespaces/shop/configmaps/demo-config";

@@ -1,0 +1,162 @@
+//! The `cavi-operator` binary's offline subcommands, and the committed CRD.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use cavi_node::config::ClusterConfig;
+use cavi_operator::crd::{CRD_PATH, crd_yaml};
+
+const REGENERATE: &str =
+    "regenerate it with: cargo run -q -p cavi-operator -- crd > deploy/crds/cavicluster.yaml";
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn committed_crd() -> String {
+    let path = repo_root().join(CRD_PATH);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}; {REGENERATE}", path.display()))
+}
+
+fn operator(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cavi-operator"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn committed_crd_matches_the_rust_types() {
+    assert!(
+        crd_yaml().unwrap() == committed_crd(),
+        "{CRD_PATH} is out of date with the CaviCluster type; {REGENERATE}"
+    );
+}
+
+#[test]
+fn crd_subcommand_prints_exactly_the_committed_crd() {
+    let out = operator(&["crd"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8(out.stdout).unwrap() == committed_crd(),
+        "`cavi-operator crd` differs from {CRD_PATH}; {REGENERATE}"
+    );
+}
+
+#[test]
+fn crd_declares_names_columns_status_and_cel_rules() {
+    let crd: serde_yaml::Value = serde_yaml::from_str(&crd_yaml().unwrap()).unwrap();
+    assert_eq!(crd["metadata"]["name"], "caviclusters.cavi.dev");
+    let spec = &crd["spec"];
+    assert_eq!(spec["group"], "cavi.dev");
+    assert_eq!(spec["scope"], "Namespaced");
+    assert_eq!(spec["names"]["kind"], "CaviCluster");
+    assert_eq!(spec["names"]["shortNames"][0], "cavi");
+    let version = &spec["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert!(version["subresources"]["status"].is_mapping());
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, vec!["Shards", "Ready", "Phase", "Age"]);
+
+    let schema = &version["schema"]["openAPIV3Schema"]["properties"];
+    let cavi_spec = &schema["spec"];
+    let rules = serde_yaml::to_string(&cavi_spec["x-kubernetes-validations"]).unwrap();
+    assert!(rules.contains("size(self.shards) >= 1"), "{rules}");
+    assert!(rules.contains("size(self.shards) <= 64"), "{rules}");
+    let shards = &cavi_spec["properties"]["shards"];
+    assert_eq!(shards["maxItems"], 64);
+    let item_rule = shards["items"]["x-kubernetes-validations"][0]["rule"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        item_rule,
+        "!has(self.rangeEnd) || (has(self.rangeStart) ? self.rangeStart : '') <= self.rangeEnd"
+    );
+    // Every spec field is documented.
+    for (field, prop) in cavi_spec["properties"].as_mapping().unwrap() {
+        assert!(
+            prop["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "spec.{field:?} has no description"
+        );
+    }
+    let storage = &cavi_spec["properties"]["storage"]["properties"]["type"];
+    assert_eq!(storage["enum"][0], "Memory");
+    let status = &schema["status"]["properties"];
+    for field in [
+        "observedGeneration",
+        "readyShards",
+        "shards",
+        "phase",
+        "conditions",
+    ] {
+        assert!(status[field].is_mapping(), "status.{field} missing");
+    }
+}
+
+#[test]
+fn render_prints_the_children_of_a_file_in_the_default_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\nmetadata:\n  name: demo\nspec:\n  shards:\n    - {rangeStart: a, rangeEnd: m}\n    - {rangeStart: n, rangeEnd: z}\n",
+    )
+    .unwrap();
+    let out = operator(&["render", "-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        vec!["ConfigMap", "Service", "Service", "StatefulSet"]
+    );
+    for doc in &docs {
+        assert_eq!(doc["metadata"]["namespace"], "default");
+    }
+    let config =
+        ClusterConfig::from_yaml(docs[0]["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        config.shards[1].addr,
+        "demo-1.demo-headless.default.svc.cluster.local:3100"
+    );
+}
+
+#[test]
+fn render_refuses_other_kinds_and_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(&file, "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n").unwrap();
+    let out = operator(&["render", "-f", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a Pod, not a CaviCluster"), "{err}");
+
+    let out = operator(&["render", "-f", "/nonexistent/cluster.yaml"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read /nonexistent/cluster.yaml"),
+        "{err}"
+    );
+}

@@ -1,0 +1,208 @@
+//! The config the operator renders is one the node runs: a 3-shard
+//! CaviCluster's ConfigMap, with its DNS addresses moved to loopback ports,
+//! starts three real `kvstore-api` processes that take their shard id from
+//! a StatefulSet-style hostname, forward to each other and fan out search.
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cavi_node::config::ClusterConfig;
+use cavi_operator::build::{CONFIG_KEY, Children};
+use cavi_operator::crd::CaviCluster;
+use serde_json::{Value, json};
+
+/// `target/<profile>/kvstore-api`, next to this test's `deps/` directory.
+fn node_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join(format!("kvstore-api{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p cavi-node` first (`cargo test --workspace` builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A node process, killed when dropped.
+struct Node {
+    child: Child,
+    base: String,
+    log: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `/readyz` until it answers 200; fails at the deadline or when
+    /// the process exits.
+    async fn wait_ready(&mut self, http: &reqwest::Client, deadline: Instant) {
+        let url = format!("{}/readyz", self.base);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("node {} exited with {status}:\n{}", self.base, self.log());
+            }
+            if let Ok(r) = http.get(&url).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} not ready in time:\n{}",
+                self.base,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn three_shard_cluster() -> CaviCluster {
+    serde_yaml::from_str(
+        r#"
+apiVersion: cavi.dev/v1alpha1
+kind: CaviCluster
+metadata: {name: demo, namespace: shop}
+spec:
+  shards:
+    - {rangeEnd: "h"}
+    - {rangeStart: "i", rangeEnd: "p"}
+    - {rangeStart: "q"}
+"#,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendered_config_runs_a_three_node_cluster() {
+    let binary = node_binary();
+    let children = Children::build(&three_shard_cluster(), "shop").unwrap();
+    let rendered = &children.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+
+    // What the pods would read, with each headless DNS name moved to a
+    // loopback port so this machine can run all three.
+    let mut config = ClusterConfig::from_yaml(rendered).unwrap();
+    for (i, shard) in config.shards.iter_mut().enumerate() {
+        assert_eq!(
+            shard.addr,
+            format!("demo-{i}.demo-headless.shop.svc.cluster.local:3100")
+        );
+        shard.addr = format!("127.0.0.1:{}", free_port());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, config.to_yaml()).unwrap();
+
+    let mut nodes: Vec<Node> = config
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(i, shard)| {
+            let log = dir.path().join(format!("demo-{i}.log"));
+            let child = Command::new(&binary)
+                .arg("from-hostname")
+                .arg(&config_path)
+                .env("HOSTNAME", format!("demo-{i}"))
+                .env_remove("CAVI_LISTEN")
+                .env_remove("CAVI_SHARD")
+                .env_remove("CAVI_CONFIG")
+                .env_remove("CAVI_DATA_DIR")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            Node {
+                child,
+                base: format!("http://{}", shard.addr),
+                log,
+            }
+        })
+        .collect();
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &mut nodes {
+        node.wait_ready(&http, deadline).await;
+    }
+
+    // One key per shard: written through one node, read through another.
+    let keys = [("apple", 0), ("kiwi", 1), ("tomato", 2)];
+    for (key, owner) in keys {
+        assert_eq!(config.owner_of(key).map(|s| s.id), Some(owner));
+        let writer = &nodes[(owner as usize + 1) % 3];
+        let reader = &nodes[(owner as usize + 2) % 3];
+        let put = http
+            .put(format!("{}/kv/{key}", writer.base))
+            .json(&json!({"value": format!("{key}-value")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 204, "PUT {key} via {}", writer.base);
+        for node in [reader, &nodes[owner as usize]] {
+            let get = http
+                .get(format!("{}/kv/{key}", node.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(get.status(), 200, "GET {key} via {}", node.base);
+            assert_eq!(
+                get.json::<Value>().await.unwrap(),
+                json!(format!("{key}-value"))
+            );
+        }
+    }
+
+    // Search fans out over every shard and comes back sorted.
+    let everything = json!([
+        {"key": "apple", "value": "apple-value"},
+        {"key": "kiwi", "value": "kiwi-value"},
+        {"key": "tomato", "value": "tomato-value"},
+    ]);
+    for node in &nodes {
+        let search = http
+            .get(format!("{}/search?prefix=", node.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(search.status(), 200);
+        assert_eq!(search.json::<Value>().await.unwrap(), everything);
+    }
+    let search = http
+        .get(format!("{}/search?prefix=ki", nodes[0].base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        search.json::<Value>().await.unwrap(),
+        json!([{"key": "kiwi", "value": "kiwi-value"}])
+    );
+}

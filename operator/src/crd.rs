@@ -35,7 +35,7 @@ pub const DEFAULT_PORT: i32 = 3100;
     printcolumn(
         name = "Shards",
         type_ = "integer",
-        description = "Number of shards declared",
+        description = "Number of shards in the layout the pods serve",
         json_path = ".status.shardCount"
     ),
     printcolumn(
@@ -161,7 +161,8 @@ pub struct CaviClusterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Number of shards the spec declares.
+    /// Number of shards in the layout the pods serve: the spec's once it is
+    /// accepted, the previous one while a change is refused.
     #[serde(default)]
     pub shard_count: i32,
 
@@ -169,8 +170,9 @@ pub struct CaviClusterStatus {
     #[serde(default)]
     pub ready_shards: i32,
 
-    /// One-word summary: `Pending`, `Progressing`, `Running`, `Degraded` or
-    /// `Invalid` (the spec was refused; the running cluster is untouched).
+    /// One-word summary: `Progressing` (a rollout is under way), `Running`
+    /// (every shard ready), `Degraded` (a shard is down outside a rollout)
+    /// or `Invalid` (the spec was refused; the running cluster is untouched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
 

@@ -3,8 +3,9 @@
 
 use serde::Deserialize;
 
-use crate::build::{BuildError, Children};
+use crate::build::{BuildError, Children, Names};
 use crate::crd::CaviCluster;
+use crate::validate::validate;
 
 /// Namespace used when the file's `metadata.namespace` is empty.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -19,6 +20,12 @@ pub enum RenderError {
     WrongKind { index: usize, kind: String },
     #[error(transparent)]
     Build(#[from] BuildError),
+    #[error("CaviCluster {name} would be refused ({reason}): {message}")]
+    Refused {
+        name: String,
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// Renders every `CaviCluster` document of `text`.
@@ -49,6 +56,14 @@ pub fn render(text: &str) -> Result<String, RenderError> {
             .namespace
             .clone()
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        // The same validation the operator runs, so a file that renders is
+        // one the operator accepts (the key-move check needs a live cluster).
+        let names = Names::new(&cluster, &namespace)?;
+        validate(&names, &cluster.spec, None).map_err(|invalid| RenderError::Refused {
+            name: names.cluster.clone(),
+            reason: invalid.reason,
+            message: invalid.message,
+        })?;
         out.push_str(&Children::build(&cluster, &namespace)?.to_yaml_stream()?);
     }
     if out.is_empty() {

@@ -143,7 +143,7 @@ fn render_prints_the_children_of_a_file_in_the_default_namespace() {
 }
 
 #[test]
-fn render_refuses_other_kinds_and_missing_files() {
+fn render_refuses_other_kinds_invalid_layouts_and_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pod.yaml");
     std::fs::write(&file, "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n").unwrap();
@@ -151,6 +151,24 @@ fn render_refuses_other_kinds_and_missing_files() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is a Pod, not a CaviCluster"), "{err}");
+
+    let overlap = dir.path().join("overlap.yaml");
+    std::fs::write(
+        &overlap,
+        "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\nmetadata: {name: bad}\nspec:\n  shards: [{rangeStart: a, rangeEnd: m}, {rangeStart: k}]\n",
+    )
+    .unwrap();
+    let out = operator(&["render", "-f", overlap.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "nothing is rendered for a refused spec"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CaviCluster bad would be refused (InvalidLayout)") && err.contains("overlap"),
+        "{err}"
+    );
 
     let out = operator(&["render", "-f", "/nonexistent/cluster.yaml"]);
     assert!(!out.status.success());

@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 
 use crate::config::{ClusterConfig, ShardConfig};
 use crate::error::ApiError;
-use crate::peers::{KvOp, PeerClient};
+use crate::metrics::{Metrics, status_label};
+use crate::peers::{Caller, KvOp, PeerClient};
 use crate::settings::Settings;
 use crate::store::{Store, StoreError};
 
@@ -23,6 +24,7 @@ pub struct Node {
     store: OnceLock<Arc<dyn Store>>,
     pub(crate) peers: PeerClient,
     pub(crate) settings: Settings,
+    pub(crate) metrics: Metrics,
     ready: AtomicBool,
 }
 
@@ -69,6 +71,7 @@ impl Node {
             store: OnceLock::new(),
             peers,
             settings,
+            metrics: Metrics::new(),
             ready: AtomicBool::new(true),
         })
     }
@@ -95,6 +98,10 @@ impl Node {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn is_ready(&self) -> bool {
@@ -129,7 +136,7 @@ impl Node {
         &self,
         key: &str,
         op: KvOp,
-        forwarded_by: Option<String>,
+        caller: &Caller,
     ) -> Result<Response, ApiError> {
         self.check_key(key)?;
         if let KvOp::Put(value) = &op {
@@ -144,11 +151,11 @@ impl Node {
         if self.me.owns(key) {
             return self.apply_local(key, op).await;
         }
-        if let Some(by) = forwarded_by {
+        if let Some(by) = &caller.forwarded_by {
             return Err(ApiError::Misdirected {
                 key: key.to_owned(),
                 me: self.me.id,
-                by,
+                by: by.clone(),
             });
         }
         let owner = self
@@ -156,14 +163,20 @@ impl Node {
             .owner_of(key)
             .ok_or_else(|| ApiError::KeyOutOfRange(key.to_owned()))?;
         tracing::debug!(key, owner = owner.id, "forwarding");
-        self.peers
-            .forward(owner, key, &op)
-            .await
-            .map_err(|source| ApiError::Peer {
-                shard: owner.id,
-                addr: owner.addr.clone(),
-                source,
-            })
+        let answer = self
+            .peers
+            .forward(owner, key, &op, caller.request_id.as_ref())
+            .await;
+        let outcome = match &answer {
+            Ok(response) => status_label(response.status().as_u16()),
+            Err(e) => e.code(),
+        };
+        self.metrics.record_peer(owner.id, "kv", outcome);
+        answer.map_err(|source| ApiError::Peer {
+            shard: owner.id,
+            addr: owner.addr.clone(),
+            source,
+        })
     }
 
     async fn apply_local(&self, key: &str, op: KvOp) -> Result<Response, ApiError> {

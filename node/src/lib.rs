@@ -11,6 +11,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod keyspace;
+pub mod metrics;
 pub mod peers;
 pub mod search;
 pub mod server;

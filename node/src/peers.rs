@@ -18,6 +18,17 @@ use crate::store::Entry;
 /// forwarding, so nodes whose configs disagree cannot bounce a request.
 pub const FORWARDED_HEADER: &str = "x-cavi-forwarded";
 
+/// Names one request across every node it touches; taken from the client
+/// or made up by the first node, and passed along on every hop.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Who sent a request: the shard that proxied it, if any, and its id.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub forwarded_by: Option<String>,
+    pub request_id: Option<HeaderValue>,
+}
+
 /// Everything but unreserved characters is escaped, `+` included: the
 /// receiver decodes the query once with form rules, where a bare `+` would
 /// turn into a space.
@@ -107,6 +118,7 @@ impl PeerClient {
         owner: &ShardConfig,
         key: &str,
         op: &KvOp,
+        request_id: Option<&HeaderValue>,
     ) -> Result<Response, PeerError> {
         let url = format!(
             "http://{}/kv?key={}",
@@ -124,8 +136,8 @@ impl PeerClient {
                     .body(body)
             }
         };
-        let answer = request
-            .header(FORWARDED_HEADER, self.sender.clone())
+        let answer = self
+            .hop(request, request_id)
             .send()
             .await
             .map_err(|e| self.classify(e))?;
@@ -146,6 +158,7 @@ impl PeerClient {
         shard: &ShardConfig,
         prefix: &str,
         limit: Option<usize>,
+        request_id: Option<&HeaderValue>,
     ) -> Result<Vec<Entry>, PeerError> {
         let mut url = format!(
             "http://{}/search?scope=local&prefix={}",
@@ -156,9 +169,7 @@ impl PeerClient {
             url.push_str(&format!("&limit={limit}"));
         }
         let answer = self
-            .http
-            .get(url)
-            .header(FORWARDED_HEADER, self.sender.clone())
+            .hop(self.http.get(url), request_id)
             .send()
             .await
             .map_err(|e| self.classify(e))?;
@@ -170,6 +181,19 @@ impl PeerClient {
         }
         serde_json::from_slice(&body)
             .map_err(|e| PeerError::BadResponse(format!("search result is not a list: {e}")))
+    }
+
+    /// The headers every proxied request carries.
+    fn hop(
+        &self,
+        request: reqwest::RequestBuilder,
+        request_id: Option<&HeaderValue>,
+    ) -> reqwest::RequestBuilder {
+        let request = request.header(FORWARDED_HEADER, self.sender.clone());
+        match request_id {
+            Some(id) => request.header(REQUEST_ID_HEADER, id.clone()),
+            None => request,
+        }
     }
 
     fn classify(&self, e: reqwest::Error) -> PeerError {

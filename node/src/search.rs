@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 
 use crate::dispatch::{Node, storage};
 use crate::error::ApiError;
-use crate::peers::PeerError;
+use crate::peers::{Caller, PeerError};
 use crate::store::Entry;
 
 /// Query parameters of `GET /search`.
@@ -49,10 +49,10 @@ impl Node {
     pub async fn search(
         &self,
         params: SearchParams,
-        forwarded: bool,
+        caller: &Caller,
     ) -> Result<SearchResult, ApiError> {
         let limit = params.limit.unwrap_or(usize::MAX);
-        if forwarded || params.scope == Scope::Local {
+        if caller.forwarded_by.is_some() || params.scope == Scope::Local {
             let entries = self
                 .store()?
                 .scan_prefix(&params.prefix, limit)
@@ -65,16 +65,22 @@ impl Node {
 
         let mut asks = JoinSet::new();
         let mut entries = Vec::new();
+        let mut width = 0;
         for shard in self.config().shards_for_prefix(&params.prefix) {
+            width += 1;
             if shard.id == self.shard().id {
                 continue;
             }
             let (peers, shard, prefix) = (self.peers.clone(), shard.clone(), params.prefix.clone());
+            let request_id = caller.request_id.clone();
             asks.spawn(async move {
-                let found = peers.search(&shard, &prefix, params.limit).await;
+                let found = peers
+                    .search(&shard, &prefix, params.limit, request_id.as_ref())
+                    .await;
                 (shard.id, found)
             });
         }
+        self.metrics.record_fan_out(width);
         // Our own part runs while the peers are asked.
         if self.shard().range().may_hold_prefix(&params.prefix) {
             entries.extend(
@@ -87,8 +93,14 @@ impl Node {
         let mut failures: Vec<(u32, PeerError)> = Vec::new();
         while let Some(joined) = asks.join_next().await {
             match joined {
-                Ok((_, Ok(found))) => entries.extend(found),
-                Ok((id, Err(e))) => failures.push((id, e)),
+                Ok((id, Ok(found))) => {
+                    self.metrics.record_peer(id, "search", "200");
+                    entries.extend(found);
+                }
+                Ok((id, Err(e))) => {
+                    self.metrics.record_peer(id, "search", e.code());
+                    failures.push((id, e));
+                }
                 // A task only ends without a value if it panicked.
                 Err(e) => {
                     return Err(ApiError::Storage(format!("search task failed: {e}")));

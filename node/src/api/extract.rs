@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
-use crate::peers::FORWARDED_HEADER;
+use crate::peers::{Caller, FORWARDED_HEADER, REQUEST_ID_HEADER};
 
 /// The key of `/kv/{*key}` (decoded once) or of `/kv?key=` — the form
 /// nodes use between themselves and the one for keys like `..`.
@@ -40,18 +40,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Key {
     }
 }
 
-/// The sender shard named by `x-cavi-forwarded`, if the request was proxied.
-pub struct ForwardedBy(pub Option<String>);
-
-impl<S: Send + Sync> FromRequestParts<S> for ForwardedBy {
+/// Who sent the request: `x-cavi-forwarded` and `x-request-id`.
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let by = parts
+        let forwarded_by = parts
             .headers
             .get(FORWARDED_HEADER)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        Ok(ForwardedBy(by))
+        Ok(Caller {
+            forwarded_by,
+            request_id: parts.headers.get(REQUEST_ID_HEADER).cloned(),
+        })
     }
 }
 

@@ -1,13 +1,15 @@
-//! The HTTP surface: routes, thin handlers, and the tower layers that apply
-//! to every request (body limit, request deadline, tracing).
+//! The HTTP surface: routes, thin handlers, and the layers that apply to
+//! every request (request id, tracing, deadline, body limit, metrics).
 
 mod extract;
 
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, Uri};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,10 +20,10 @@ use tower_http::trace::TraceLayer;
 use crate::config::ShardConfig;
 use crate::dispatch::Node;
 use crate::error::ApiError;
-use crate::peers::KvOp;
+use crate::peers::{Caller, KvOp, REQUEST_ID_HEADER};
 use crate::search::SearchParams;
 pub use extract::PutBody;
-use extract::{BodyLimit, ForwardedBy, Key, Params};
+use extract::{BodyLimit, Key, Params};
 
 /// Header on a partial search answer, naming the shards that are missing.
 pub const PARTIAL_HEADER: &str = "x-cavi-partial";
@@ -40,6 +42,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(node.clone(), track))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -48,33 +52,41 @@ pub fn router(node: Arc<Node>) -> Router {
             settings.request_timeout,
             deadline,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get(REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(middleware::from_fn(request_id))
         .with_state(node)
 }
 
 async fn get_key(
     State(node): State<AppState>,
     Key(key): Key,
-    ForwardedBy(by): ForwardedBy,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    node.execute(&key, KvOp::Get, by).await
+    node.execute(&key, KvOp::Get, &caller).await
 }
 
 async fn put_key(
     State(node): State<AppState>,
     Key(key): Key,
-    ForwardedBy(by): ForwardedBy,
+    caller: Caller,
     body: PutBody,
 ) -> Result<Response, ApiError> {
-    node.execute(&key, KvOp::Put(body.value), by).await
+    node.execute(&key, KvOp::Put(body.value), &caller).await
 }
 
 async fn delete_key(
     State(node): State<AppState>,
     Key(key): Key,
-    ForwardedBy(by): ForwardedBy,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    node.execute(&key, KvOp::Delete, by).await
+    node.execute(&key, KvOp::Delete, &caller).await
 }
 
 async fn empty_key() -> ApiError {
@@ -83,10 +95,10 @@ async fn empty_key() -> ApiError {
 
 async fn search(
     State(node): State<AppState>,
-    ForwardedBy(by): ForwardedBy,
+    caller: Caller,
     Params(params): Params<SearchParams>,
 ) -> Result<Response, ApiError> {
-    let found = node.search(params, by.is_some()).await?;
+    let found = node.search(params, &caller).await?;
     let mut response = Json(found.entries).into_response();
     if !found.missing.is_empty() {
         let ids: Vec<String> = found.missing.iter().map(u32::to_string).collect();
@@ -133,6 +145,22 @@ async fn cluster(State(node): State<AppState>) -> Result<Json<ClusterView>, ApiE
     }))
 }
 
+async fn metrics(State(node): State<AppState>) -> Response {
+    let (keys, bytes) = node
+        .store()
+        .map(|s| (s.len(), s.bytes()))
+        .unwrap_or_default();
+    let text = node.metrics().render(keys, bytes);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 async fn route_not_found(uri: Uri) -> ApiError {
     ApiError::RouteNotFound(uri.path().to_owned())
 }
@@ -147,5 +175,69 @@ async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Re
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::RequestTimeout(limit).into_response(),
+    }
+}
+
+/// Keeps the caller's `x-request-id` (or makes one) so logs of every node
+/// a request touches share it; the answer carries it back.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    response
+}
+
+fn new_request_id() -> HeaderValue {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(SEQUENCE.fetch_add(1, Ordering::Relaxed));
+    let id = format!("{:016x}", hasher.finish());
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Counts and times every routed request by method, route and status.
+async fn track(
+    State(node): State<AppState>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = method_label(req.method());
+    let route = route_label(matched.as_ref().map(MatchedPath::as_str));
+    let response = next.run(req).await;
+    node.metrics()
+        .record_request(method, route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
+fn route_label(route: Option<&str>) -> &'static str {
+    match route {
+        Some("/kv") => "/kv",
+        Some("/kv/") => "/kv/",
+        Some("/kv/{*key}") => "/kv/{*key}",
+        Some("/search") => "/search",
+        Some("/healthz") => "/healthz",
+        Some("/readyz") => "/readyz",
+        Some("/cluster") => "/cluster",
+        Some("/metrics") => "/metrics",
+        _ => "other",
     }
 }

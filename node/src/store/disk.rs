@@ -248,6 +248,10 @@ impl Store for DiskStore {
     fn len(&self) -> usize {
         self.data.approximate_len()
     }
+
+    fn bytes(&self) -> u64 {
+        self.data.disk_space()
+    }
 }
 
 impl Drop for DiskStore {

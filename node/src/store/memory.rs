@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{Entry, Store, StoreError, WriteAck};
@@ -11,6 +12,8 @@ use super::{Entry, Store, StoreError, WriteAck};
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     map: RwLock<BTreeMap<Box<str>, Box<str>>>,
+    /// Key and value bytes, kept up to date under the write lock.
+    bytes: AtomicU64,
 }
 
 impl MemoryStore {
@@ -35,12 +38,21 @@ impl Store for MemoryStore {
     }
 
     fn put(&self, key: &str, value: &str) -> WriteAck {
-        self.write().insert(key.into(), value.into());
+        let mut map = self.write();
+        let added = (key.len() + value.len()) as u64;
+        if let Some(old) = map.insert(key.into(), value.into()) {
+            self.bytes
+                .fetch_sub((key.len() + old.len()) as u64, Ordering::Relaxed);
+        }
+        self.bytes.fetch_add(added, Ordering::Relaxed);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn delete(&self, key: &str) -> WriteAck {
-        self.write().remove(key);
+        if let Some(old) = self.write().remove(key) {
+            self.bytes
+                .fetch_sub((key.len() + old.len()) as u64, Ordering::Relaxed);
+        }
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -60,6 +72,10 @@ impl Store for MemoryStore {
 
     fn len(&self) -> usize {
         self.read().len()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -81,9 +97,11 @@ mod tests {
         put(&s, "a", "1");
         put(&s, "a", "2");
         assert_eq!(s.get("a").expect("get").as_deref(), Some("2"));
+        assert_eq!(s.bytes(), 2);
         drop(s.delete("a"));
         drop(s.delete("a"));
         assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub trait Store: Send + Sync + 'static {
     fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, StoreError>;
     /// Number of keys stored; engines that cannot count cheaply estimate.
     fn len(&self) -> usize;
+    /// Bytes held: key and value bytes in memory, the files on disk.
+    fn bytes(&self) -> u64;
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

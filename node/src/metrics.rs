@@ -1,0 +1,199 @@
+//! Prometheus metrics of a node, exposed on `/metrics`.
+//!
+//! Labels are `&'static str` and integers so recording a request allocates
+//! nothing; the route label is the matched route template, never the key.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: &'static str,
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: u32,
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: LatencyFamily,
+    forwarded: Family<PeerLabels, Counter>,
+    fan_out: Histogram,
+    keys: Gauge,
+    bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cavi");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = LatencyFamily::new_with_constructor(latency_histogram);
+        let forwarded = Family::<PeerLabels, Counter>::default();
+        let fan_out = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0]);
+        let keys = Gauge::default();
+        let bytes = Gauge::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests served, by method, route and status",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "Time to answer an HTTP request, by method and route",
+            Unit::Seconds,
+            latency.clone(),
+        );
+        registry.register(
+            "peer_requests",
+            "Requests sent to other shards, by peer shard, kind (kv or search) and outcome (status code or error code)",
+            forwarded.clone(),
+        );
+        registry.register(
+            "search_fan_out_shards",
+            "Shards asked by one cluster-wide search",
+            fan_out.clone(),
+        );
+        registry.register(
+            "stored_keys",
+            "Keys held by this shard (estimated on disk)",
+            keys.clone(),
+        );
+        registry.register_with_unit(
+            "stored",
+            "Bytes held by this shard: key and value bytes in memory, or the database size on disk",
+            Unit::Bytes,
+            bytes.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            forwarded,
+            fan_out,
+            keys,
+            bytes,
+        }
+    }
+
+    pub fn record_request(
+        &self,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        took: Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method,
+                route,
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels { method, route })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn record_peer(&self, peer: u32, kind: &'static str, outcome: &'static str) {
+        self.forwarded
+            .get_or_create(&PeerLabels {
+                peer,
+                kind,
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn record_fan_out(&self, shards: usize) {
+        self.fan_out.observe(shards as f64);
+    }
+
+    /// The exposition text, with the storage gauges read at scrape time.
+    pub fn render(&self, keys: usize, bytes: u64) -> String {
+        self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// A status code as a `'static` label value.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        204 => "204",
+        400 => "400",
+        404 => "404",
+        413 => "413",
+        415 => "415",
+        421 => "421",
+        422 => "422",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 300 => "2xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family() {
+        let m = Metrics::new();
+        m.record_request("GET", "/kv/{*key}", 200, Duration::from_millis(3));
+        m.record_peer(1, "kv", "peer_timeout");
+        m.record_fan_out(2);
+        let text = m.render(7, 1234);
+        for needle in [
+            "cavi_http_requests_total{method=\"GET\",route=\"/kv/{*key}\",status=\"200\"} 1",
+            "cavi_http_request_duration_seconds_bucket{le=\"0.0016\",method=\"GET\",route=\"/kv/{*key}\"} 0",
+            "cavi_http_request_duration_seconds_bucket{le=\"0.0032\",method=\"GET\",route=\"/kv/{*key}\"} 1",
+            "cavi_peer_requests_total{peer=\"1\",kind=\"kv\",outcome=\"peer_timeout\"} 1",
+            "cavi_search_fan_out_shards_count 1",
+            "cavi_stored_keys 7",
+            "cavi_stored_bytes 1234",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

@@ -178,3 +178,57 @@ fn render_refuses_other_kinds_invalid_layouts_and_missing_files() {
         "{err}"
     );
 }
+
+/// A stand-in API server that knows no CaviCluster: every request is 404.
+async fn api_server_without_the_crd() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|| async {
+        (
+            axum::http::StatusCode::NOT_FOUND,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#,
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test]
+async fn run_without_the_crd_exits_with_the_install_hint() {
+    let addr = api_server_without_the_crd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://{addr}'}}\n\
+             users:\n- name: fake\n  user: {{token: not-a-secret}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: ops}}\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    // The stand-in server and nothing else: never the developer's cluster.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cavi-operator"))
+        .args(["run", "--admin-addr", "127.0.0.1:0", "--no-leader-election"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("CAVI_OPERATOR_ADMIN_ADDR")
+        .env_remove("CAVI_OPERATOR_NO_LEADER_ELECTION")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), out)
+        .await
+        .expect("`cavi-operator run` did not exit without its CRD")
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "CRD caviclusters.cavi.dev is not installed: kubectl apply -f deploy/crds/cavicluster.yaml"
+        ),
+        "{err}"
+    );
+}

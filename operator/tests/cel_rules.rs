@@ -1,0 +1,56 @@
+//! The CRD's CEL rules, evaluated client-side the way the API server does
+//! on create, so a rule that does not say what it means fails here rather
+//! than on a cluster.
+#![allow(clippy::unwrap_used)]
+
+use cavi_operator::crd::{CaviCluster, ShardRange};
+use kube::core::cel::{validate_cel, validate_cel_schema};
+use serde_json::json;
+
+fn cluster(shards: &str) -> CaviCluster {
+    serde_yaml::from_str(&format!(
+        "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\nmetadata: {{name: demo, namespace: ns}}\nspec:\n  shards: {shards}\n"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn a_valid_cluster_passes_every_rule() {
+    let c = cluster(r#"[{rangeEnd: "h"}, {rangeStart: "i", rangeEnd: "q"}, {rangeStart: "r"}]"#);
+    validate_cel(&c).unwrap();
+    // A single-key shard: start == end.
+    validate_cel(&cluster(r#"[{rangeStart: "m", rangeEnd: "m"}]"#)).unwrap();
+}
+
+#[test]
+fn range_start_after_range_end_is_refused() {
+    let err = validate_cel(&cluster(r#"[{rangeStart: "n", rangeEnd: "m"}]"#)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("rangeStart must not sort after rangeEnd"),
+        "{err}"
+    );
+}
+
+#[test]
+fn range_rule_holds_when_either_bound_is_omitted() {
+    // As sent by a client, before defaulting fills rangeStart.
+    validate_cel_schema::<ShardRange>(&json!({"rangeEnd": "m"}), None).unwrap();
+    validate_cel_schema::<ShardRange>(&json!({"rangeStart": "m"}), None).unwrap();
+    validate_cel_schema::<ShardRange>(&json!({}), None).unwrap();
+    assert!(
+        validate_cel_schema::<ShardRange>(&json!({"rangeStart": "z", "rangeEnd": "a"}), None)
+            .is_err()
+    );
+}
+
+#[test]
+fn shard_count_is_bounded() {
+    let err = validate_cel(&cluster("[]")).unwrap_err();
+    assert!(err.to_string().contains("at least one shard"), "{err}");
+    let many: Vec<String> = (0..65)
+        .map(|i| format!("{{rangeStart: k{i:03}, rangeEnd: k{i:03}}}"))
+        .collect();
+    let err = validate_cel(&cluster(&format!("[{}]", many.join(", ")))).unwrap_err();
+    assert!(err.to_string().contains("at most 64 shards"), "{err}");
+}

@@ -49,7 +49,10 @@ async fn cavi_env(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> 
     let mut child = cmd.spawn().unwrap();
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(input).await.unwrap();
+        // cavi may exit before reading (a usage error): a closed pipe is fine.
+        if let Err(e) = pipe.write_all(input).await {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        }
         drop(pipe);
     }
     let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
@@ -521,4 +524,29 @@ async fn an_unreachable_endpoint_is_a_sentence_and_exit_3() {
     let run = cavi_env(&["--endpoint", "https://node:3100", "get", "k"], &[], None).await;
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.starts_with("cavi: the endpoint"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_with_a_dead_shard_fails_unless_partial() {
+    let c = Cluster::start_with(&SEED, &[Member::Node, Member::Dead], fast_settings()).await;
+    assert_eq!(
+        c.client.put(&c.url(0), "apple", "red").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let server = c.client.search(&c.url(0), "prefix=").await;
+    assert!(server.status.is_server_error());
+    let run = cavi(&c.url(0), &["search"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stderr, format!("cavi: {}\n", server.error()));
+    assert_eq!(run.stdout, "");
+
+    let run = cavi(&c.url(0), &["search", "--partial", "-o", "json"]).await;
+    ok(&run);
+    let json: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(json, serde_json::json!([{"key": "apple", "value": "red"}]));
+    assert!(
+        run.stderr
+            .contains("partial answer: shard(s) 1 did not answer"),
+        "{run:?}"
+    );
 }

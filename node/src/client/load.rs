@@ -7,10 +7,11 @@
 //! acknowledged stays stored. The same happens when the server refuses a
 //! key. The report says how many keys were loaded and which line failed.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
@@ -74,10 +75,7 @@ enum Inner {
         reader: Box<dyn BufRead + Send>,
         line: u64,
     },
-    Csv {
-        records: csv::StringRecordsIntoIter<Box<dyn Read + Send>>,
-        first: bool,
-    },
+    Csv(Box<CsvRecords>),
 }
 
 impl Records {
@@ -87,14 +85,7 @@ impl Records {
                 reader: Box::new(BufReader::new(reader)),
                 line: 0,
             },
-            Format::Csv => Inner::Csv {
-                records: csv::ReaderBuilder::new()
-                    .has_headers(false)
-                    .flexible(true)
-                    .from_reader(reader)
-                    .into_records(),
-                first: true,
-            },
+            Format::Csv => Inner::Csv(Box::new(CsvRecords::new(reader))),
         };
         Self { inner, done: false }
     }
@@ -163,44 +154,6 @@ impl Records {
             );
         }
     }
-
-    fn next_csv(
-        records: &mut csv::StringRecordsIntoIter<Box<dyn Read + Send>>,
-        first: &mut bool,
-    ) -> Option<Result<Record, ClientError>> {
-        loop {
-            let record = match records.next()? {
-                Ok(r) => r,
-                Err(e) => return Some(Err(csv_error(&e))),
-            };
-            let line = record.position().map_or(0, csv::Position::line);
-            let fields: Vec<&str> = record.iter().collect();
-            let is_first = std::mem::replace(first, false);
-            let fields: Vec<&str> = match fields.as_slice() {
-                [key, rest @ ..] if is_first => std::iter::once(key.trim_start_matches('\u{feff}'))
-                    .chain(rest.iter().copied())
-                    .collect(),
-                _ => fields,
-            };
-            match fields.as_slice() {
-                ["key", "value"] if is_first => continue,
-                [key, value] => {
-                    return Some(Ok(Record {
-                        line,
-                        key: (*key).to_owned(),
-                        value: (*value).to_owned(),
-                    }));
-                }
-                _ => {
-                    return Some(Err(ClientError::Input(format!(
-                        "expected 2 fields, key,value, found {} (quote a field that holds a comma: \"a, b\")",
-                        fields.len()
-                    ))
-                    .at_line(line)));
-                }
-            }
-        }
-    }
 }
 
 impl Iterator for Records {
@@ -212,10 +165,148 @@ impl Iterator for Records {
         }
         let item = match &mut self.inner {
             Inner::Jsonl { reader, line } => Self::next_jsonl(reader.as_mut(), line),
-            Inner::Csv { records, first } => Self::next_csv(records, first),
+            Inner::Csv(records) => records.next_record(),
         };
         self.done = !matches!(item, Some(Ok(_)));
         item
+    }
+}
+
+/// Where the `"` bytes of a CSV input are, by offset: the CSV reader is
+/// lenient about quotes (an unclosed quote silently swallows the rest of
+/// the input into one field), so each record's raw bytes are checked for
+/// an even number of quotes, which every well-formed record has.
+#[derive(Default)]
+struct QuoteLog {
+    offsets: VecDeque<u64>,
+    read: u64,
+}
+
+struct QuoteTracker {
+    inner: Box<dyn Read + Send>,
+    log: Arc<Mutex<QuoteLog>>,
+}
+
+impl Read for QuoteTracker {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let base = log.read;
+        for (i, _) in buf[..n].iter().enumerate().filter(|(_, b)| **b == b'"') {
+            log.offsets.push_back(base + i as u64);
+        }
+        log.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// CSV records, each held back until the next one starts so its raw bytes
+/// (from its start to the next record's) can be checked for quotes.
+struct CsvRecords {
+    records: csv::StringRecordsIntoIter<QuoteTracker>,
+    log: Arc<Mutex<QuoteLog>>,
+    held: Option<csv::StringRecord>,
+    first: bool,
+    out: VecDeque<Result<Record, ClientError>>,
+    finished: bool,
+}
+
+impl CsvRecords {
+    fn new(reader: Box<dyn Read + Send>) -> Self {
+        let log = Arc::new(Mutex::new(QuoteLog::default()));
+        let tracker = QuoteTracker {
+            inner: reader,
+            log: log.clone(),
+        };
+        Self {
+            records: csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .from_reader(tracker)
+                .into_records(),
+            log,
+            held: None,
+            first: true,
+            out: VecDeque::new(),
+            finished: false,
+        }
+    }
+
+    fn next_record(&mut self) -> Option<Result<Record, ClientError>> {
+        loop {
+            if let Some(item) = self.out.pop_front() {
+                return Some(item);
+            }
+            if self.finished {
+                return None;
+            }
+            let next = self.records.next();
+            let boundary = match &next {
+                Some(Ok(r)) => r.position().map(csv::Position::byte),
+                Some(Err(e)) => e.position().map(csv::Position::byte),
+                None => None,
+            }
+            .unwrap_or_else(|| self.log.lock().unwrap_or_else(PoisonError::into_inner).read);
+            if let Some(held) = self.held.take()
+                && let Some(item) = self.finish(&held, boundary)
+            {
+                self.out.push_back(item);
+            }
+            match next {
+                Some(Ok(record)) => self.held = Some(record),
+                Some(Err(e)) => {
+                    self.out.push_back(Err(csv_error(&e)));
+                    self.finished = true;
+                }
+                None => self.finished = true,
+            }
+        }
+    }
+
+    /// `record`, whose raw bytes end at `end`, as a pair; `None` for the
+    /// header.
+    fn finish(
+        &mut self,
+        record: &csv::StringRecord,
+        end: u64,
+    ) -> Option<Result<Record, ClientError>> {
+        let (line, start) = record.position().map_or((0, 0), |p| (p.line(), p.byte()));
+        let quotes = {
+            let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+            while log.offsets.front().is_some_and(|&o| o < start) {
+                log.offsets.pop_front();
+            }
+            log.offsets.iter().take_while(|&&o| o < end).count()
+        };
+        if quotes % 2 == 1 {
+            return Some(Err(ClientError::Input(
+                "unbalanced quotes: a quoted field is not closed, or a field that is not \
+                 quoted holds a `\"` (quote the field and double the quote: \"5\"\" tall\")"
+                    .into(),
+            )
+            .at_line(line)));
+        }
+        let fields: Vec<&str> = record.iter().collect();
+        let is_first = std::mem::replace(&mut self.first, false);
+        let fields: Vec<&str> = match fields.as_slice() {
+            [key, rest @ ..] if is_first => std::iter::once(key.trim_start_matches('\u{feff}'))
+                .chain(rest.iter().copied())
+                .collect(),
+            _ => fields,
+        };
+        match fields.as_slice() {
+            ["key", "value"] if is_first => None,
+            [key, value] => Some(Ok(Record {
+                line,
+                key: (*key).to_owned(),
+                value: (*value).to_owned(),
+            })),
+            _ => Some(Err(ClientError::Input(format!(
+                "expected 2 fields, key,value, found {} (quote a field that holds a comma: \"a, b\")",
+                fields.len()
+            ))
+            .at_line(line))),
+        }
     }
 }
 
@@ -512,6 +603,32 @@ mod tests {
         assert!(e.starts_with("line 3: expected 2 fields"), "{e}");
         let got = parse("a,1\nlonely\n", Format::Csv);
         assert!(got[1].as_ref().is_err_and(|e| e.starts_with("line 2: ")));
+    }
+
+    #[test]
+    fn csv_with_unbalanced_quotes_names_the_line() {
+        // An unclosed quote would otherwise swallow the rest of the input.
+        let got = parse("a,1\nb,\"x\nc,3\nd,4\n", Format::Csv);
+        assert_eq!(got[0], rec(1, "a", "1"));
+        let e = got[1].as_ref().expect_err("line 2 is bad");
+        assert!(e.starts_with("line 2: unbalanced quotes"), "{e}");
+        assert_eq!(got.len(), 2);
+        // A stray quote in an unquoted field, in the middle and at the end.
+        let got = parse("a,1\nb,5\" tall\nc,3\n", Format::Csv);
+        assert!(
+            got[1]
+                .as_ref()
+                .is_err_and(|e| e.starts_with("line 2: unbalanced"))
+        );
+        let got = parse("a,1\nb,5\"", Format::Csv);
+        assert!(
+            got[1]
+                .as_ref()
+                .is_err_and(|e| e.starts_with("line 2: unbalanced"))
+        );
+        // Balanced quotes across lines and doubled quotes are fine.
+        let got = parse("\"x\"\"\ny\",\"\"\"\"\"\"\na,b", Format::Csv);
+        assert_eq!(got, vec![rec(1, "x\"\ny", "\"\""), rec(3, "a", "b")]);
     }
 
     #[test]

@@ -252,6 +252,19 @@ async fn search_prints_a_table_or_json_in_key_order() {
         serde_json::json!([{"key": "apple", "value": "red and round"}])
     );
 
+    // A prefix with query syntax in it travels escaped.
+    assert_eq!(
+        c.client.put(&c.url(0), "a+b&c=d%/é", "odd").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let run = cavi(&c.url(1), &["search", "a+b&c=d%/", "-o", "json"]).await;
+    ok(&run);
+    let json: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([{"key": "a+b&c=d%/é", "value": "odd"}])
+    );
+
     // No match: the header only.
     let run = cavi(&c.url(0), &["search", "q"]).await;
     ok(&run);

@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# CAVI benchmarks against peers, in one run on this machine, printed as one
+# table with ratios. Servers run pinned to one core, the load generator to
+# another. Everything listens on loopback and stops by itself.
+#
+#   bench/run.sh                      # full run (about 4 minutes)
+#   BENCH_DURATION=3 BENCH_MEMORY_KEYS=100000 bench/run.sh   # quick look
+#
+# Peers: a bare axum handler returning a constant (the HTTP ceiling of this
+# machine), etcd through its HTTP/JSON gateway, redis-server with
+# redis-benchmark. Tools come from Debian packages and are installed if
+# missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DUR=${BENCH_DURATION:-10}
+CONNS=${BENCH_CONNECTIONS:-64}
+MEM_KEYS=${BENCH_MEMORY_KEYS:-1000000}
+SERVER_CPU=${BENCH_SERVER_CPU:-0}
+CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
+WARM_KEYS=10000
+
+log() { printf '%s\n' "-- $*" >&2; }
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-benchmark >/dev/null || need+=(redis-tools)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v taskset >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+log "building release binaries"
+cargo build --release -q --bin kvstore-api --example ceiling
+NODE=$PWD/target/release/kvstore-api
+CEILING=$PWD/target/release/examples/ceiling
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# serve NAME CMD...: start a server pinned to the server core.
+serve() {
+  local name=$1; shift
+  RUST_LOG=warn taskset -c "$SERVER_CPU" "$@" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  last_pid=$!
+}
+
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+wait_http() {
+  for _ in $(seq 200); do
+    curl -fs -o /dev/null "$1" && return 0
+    sleep 0.05
+  done
+  echo "no answer from $1" >&2
+  exit 1
+}
+
+# load URL MODE PREFIX KEYS [STOP] -> sets rps p50 p99 errors
+# With STOP=1 wrk writes each key once, then is interrupted.
+load() {
+  local url=$1 mode=$2 prefix=$3 keys=$4 stopping=${5:-0}
+  local out=$work/wrk.out marker=$work/wrk.done duration=$DUR
+  rm -f "$marker"
+  [ "$stopping" = 1 ] && duration=900
+  MODE=$mode PREFIX=$prefix KEYS=$keys STOP=$stopping DONE_FILE=$marker \
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${duration}s" --latency -s bench/wrk.lua "$url" >"$out" &
+  local wrk_pid=$!
+  if [ "$stopping" = 1 ]; then
+    while [ ! -e "$marker" ] && kill -0 "$wrk_pid" 2>/dev/null; do sleep 0.1; done
+    kill -INT "$wrk_pid" 2>/dev/null || true
+  fi
+  wait "$wrk_pid" || true
+  read -r _ rps p50 p99 errors < <(grep '^RESULT' "$out")
+  if [ "$errors" != 0 ] && [ "$stopping" != 1 ]; then
+    log "warning: $errors errors during $mode on $url"
+  fi
+}
+
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+rows=()
+row() { rows+=("$(printf '%-34s %10s %9s %9s   %s' "$1" "$2" "$3" "$4" "${5:-}")"); }
+ms() { awk -v us="$1" 'BEGIN { printf "%.2f", us / 1000 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
+measured() { row "$1" "$rps" "$(ms "$p50")" "$(ms "$p99")" "${2:-}"; }
+
+# --- HTTP ceiling --------------------------------------------------------
+port=$(free_port)
+serve ceiling "$CEILING" "127.0.0.1:$port"
+wait_http "http://127.0.0.1:$port/"
+log "HTTP ceiling"
+load "http://127.0.0.1:$port" constant a 1
+ceiling_rps=$rps
+measured "HTTP ceiling (bare axum, constant)"
+stop "$last_pid"
+
+# --- CAVI in memory, two shards ------------------------------------------
+p0=$(free_port); p1=$(free_port)
+cat >"$work/two.yaml" <<EOF
+shards:
+  - { id: 0, addr: "127.0.0.1:$p0", range_start: "a", range_end: "m" }
+  - { id: 1, addr: "127.0.0.1:$p1", range_start: "n", range_end: "z" }
+EOF
+serve two "$NODE" all "$work/two.yaml"
+two_pid=$last_pid
+wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
+load "http://127.0.0.1:$p0" put a "$WARM_KEYS" 1
+load "http://127.0.0.1:$p1" put n "$WARM_KEYS" 1
+log "local GET"
+load "http://127.0.0.1:$p0" get a "$WARM_KEYS"
+local_rps=$rps
+measured "local GET (memory)" "$(ratio "$rps" "$ceiling_rps") of ceiling (target >= 0.90x)"
+log "forwarded GET"
+load "http://127.0.0.1:$p1" get a "$WARM_KEYS"
+measured "forwarded GET (entry is not owner)" "$(ratio "$rps" "$local_rps") of local GET (target >= 0.45x)"
+log "PUT"
+load "http://127.0.0.1:$p0" put b "$WARM_KEYS"
+measured "PUT (memory)"
+log "search over 2 shards"
+load "http://127.0.0.1:$p0" search a 1
+measured "search, 2 shards (limit=10)"
+stop "$two_pid"
+
+# --- CAVI in memory, eight shards ----------------------------------------
+ports=()
+for _ in 1 2 3 4 5 6 7 8; do ports+=("$(free_port)"); done
+starts=("" d g j m p s v)
+ends=(c f i l o r u "")
+{
+  echo "shards:"
+  for i in 0 1 2 3 4 5 6 7; do
+    printf '  - { id: %d, addr: "127.0.0.1:%s", range_start: "%s"' "$i" "${ports[$i]}" "${starts[$i]}"
+    if [ -n "${ends[$i]}" ]; then printf ', range_end: "%s" }\n' "${ends[$i]}"; else printf ' }\n'; fi
+  done
+} >"$work/eight.yaml"
+serve eight "$NODE" all "$work/eight.yaml"
+eight_pid=$last_pid
+for p in "${ports[@]}"; do wait_http "http://127.0.0.1:$p/readyz"; done
+for i in 0 1 2 3 4 5 6 7; do load "http://127.0.0.1:${ports[0]}" put "${starts[$i]:-a}" 100 1; done
+log "search over 8 shards"
+load "http://127.0.0.1:${ports[0]}" search a 1
+measured "search, 8 shards (limit=10)"
+stop "$eight_pid"
+
+# --- Durable: CAVI on disk vs etcd ---------------------------------------
+pd=$(free_port)
+printf 'shards:\n  - { id: 0, addr: "127.0.0.1:%s" }\n' "$pd" >"$work/one.yaml"
+serve disk "$NODE" 0 "$work/one.yaml" --data-dir "$work/cavi-data"
+disk_pid=$last_pid
+wait_http "http://127.0.0.1:$pd/readyz"
+log "durable PUT"
+load "http://127.0.0.1:$pd" put a "$WARM_KEYS"
+durable_rps=$rps
+durable_row=("$rps" "$(ms "$p50")" "$(ms "$p99")")
+log "GET from disk"
+load "http://127.0.0.1:$pd" get a "$WARM_KEYS"
+disk_get=("$rps" "$(ms "$p50")" "$(ms "$p99")")
+stop "$disk_pid"
+
+pe=$(free_port); pp=$(free_port)
+serve etcd etcd --name bench --data-dir "$work/etcd" \
+  --listen-client-urls "http://127.0.0.1:$pe" --advertise-client-urls "http://127.0.0.1:$pe" \
+  --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
+  --initial-cluster "bench=http://127.0.0.1:$pp"
+etcd_pid=$last_pid
+wait_http "http://127.0.0.1:$pe/health"
+log "etcd PUT"
+load "http://127.0.0.1:$pe" etcd_put a "$WARM_KEYS"
+etcd_rps=$rps
+row "durable PUT (disk, fsync per ack)" "${durable_row[@]}" "$(ratio "$durable_rps" "$etcd_rps") of etcd PUT (target >= 2.00x)"
+measured "etcd PUT (HTTP gateway, fsync)"
+row "GET from disk" "${disk_get[@]}" "$(ratio "${disk_get[0]}" "$local_rps") of GET from memory"
+stop "$etcd_pid"
+
+# --- redis-benchmark -----------------------------------------------------
+pr=$(free_port)
+serve redis redis-server --port "$pr" --save "" --appendonly no
+redis_pid=$last_pid
+for _ in $(seq 100); do redis-cli -p "$pr" ping >/dev/null 2>&1 && break; sleep 0.05; done
+log "redis-benchmark"
+taskset -c "$CLIENT_CPU" redis-benchmark -p "$pr" -c "$CONNS" -n $((DUR * 40000)) -d 100 -r "$WARM_KEYS" -t set,get --csv -q \
+  >"$work/redis.csv"
+redis_get=0
+while IFS=, read -r test r _avg _min p50r _p95 p99r _max; do
+  test=${test//\"/}; r=${r//\"/}; p50r=${p50r//\"/}; p99r=${p99r//\"/}
+  case $test in
+    GET | SET)
+      [ "$test" = GET ] && redis_get=$r
+      row "redis-benchmark $test" "${r%.*}" "$p50r" "$p99r" ;;
+  esac
+done <"$work/redis.csv"
+rows+=("$(printf '%-34s %10s %9s %9s   %s' "CAVI local GET vs redis GET" "" "" "" "$(ratio "$local_rps" "$redis_get") (target >= 1.00x)")")
+stop "$redis_pid"
+
+# --- Memory per key ------------------------------------------------------
+log "memory: loading $MEM_KEYS keys into a CAVI node"
+pm=$(free_port)
+printf 'shards:\n  - { id: 0, addr: "127.0.0.1:%s" }\n' "$pm" >"$work/mem.yaml"
+serve mem "$NODE" 0 "$work/mem.yaml"
+mem_pid=$last_pid
+wait_http "http://127.0.0.1:$pm/readyz"
+before=$(rss_kib "$mem_pid")
+load "http://127.0.0.1:$pm" put k "$MEM_KEYS" 1
+after=$(rss_kib "$mem_pid")
+stored=$(curl -fs "http://127.0.0.1:$pm/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"])')
+cavi_bpk=$(awk -v a="$after" -v b="$before" -v n="$stored" 'BEGIN { printf "%.0f", (a - b) * 1024 / n }')
+stop "$mem_pid"
+
+log "memory: loading $MEM_KEYS keys into redis-server"
+pr=$(free_port)
+serve redis-mem redis-server --port "$pr" --save "" --appendonly no
+redis_pid=$last_pid
+for _ in $(seq 100); do redis-cli -p "$pr" ping >/dev/null 2>&1 && break; sleep 0.05; done
+before=$(rss_kib "$redis_pid")
+awk -v n="$MEM_KEYS" 'BEGIN {
+  v = sprintf("%100s", ""); gsub(/ /, "v", v)
+  for (i = 0; i < n; i++) { k = sprintf("k%015d", i); printf "*3\r\n$3\r\nSET\r\n$16\r\n%s\r\n$100\r\n%s\r\n", k, v }
+}' | redis-cli -p "$pr" --pipe >/dev/null
+after=$(rss_kib "$redis_pid")
+rkeys=$(redis-cli -p "$pr" dbsize)
+redis_bpk=$(awk -v a="$after" -v b="$before" -v n="$rkeys" 'BEGIN { printf "%.0f", (a - b) * 1024 / n }')
+stop "$redis_pid"
+
+cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
+printf '\nCAVI benchmark: %s s per run, %s connections, wrk -t1 on cpu %s, servers on cpu %s (%s)\n\n' \
+  "$DUR" "$CONNS" "$CLIENT_CPU" "$SERVER_CPU" "$cpu"
+printf '%-34s %10s %9s %9s   %s\n' "scenario" "req/s" "p50 ms" "p99 ms" "ratio"
+printf '%s\n' "${rows[@]}"
+printf '\n%-34s %10s\n' "memory after $stored keys (16 B keys, 100 B values)" "bytes/key"
+printf '%-34s %10s\n' "CAVI node (RSS growth / keys)" "$cavi_bpk"
+printf '%-34s %10s\n' "redis-server (RSS growth / keys)" "$redis_bpk"
+printf '%-34s %10s   (target <= 1.00x)\n' "CAVI / redis" "$(ratio "$cavi_bpk" "$redis_bpk")"

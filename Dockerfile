@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 #
-# One image, two binaries:
+# One image, three binaries:
 #   kvstore-api    the storage node; pods run `kvstore-api from-hostname /etc/cavi/config.yaml`
 #   cavi-operator  the CaviCluster controller; its Deployment runs `cavi-operator run`
+#   cavi           the command-line client (`kubectl exec <pod> -- cavi ...`, or
+#                  `docker run --rm --entrypoint cavi cavi:dev --help`)
 #
 # Build:  docker build -t cavi:dev .
 # Needs BuildKit (the default builder of current Docker releases) for the cache mounts.
@@ -24,8 +26,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin kvstore-api --bin cavi-operator \
- && install -D -m 0755 -t /out target/release/kvstore-api target/release/cavi-operator
+    cargo build --release --locked --bin kvstore-api --bin cavi-operator --bin cavi \
+ && install -D -m 0755 -t /out target/release/kvstore-api target/release/cavi-operator target/release/cavi
 
 # distroless/cc: glibc, libgcc, CA certificates and tzdata, no shell, no package
 # manager. The :nonroot variant's default user is 65532.
@@ -36,8 +38,8 @@ USER 65532:65532
 # 3100: the node's client/peer HTTP port; 8080: the operator's admin port
 # (/healthz, /readyz, /metrics).
 EXPOSE 3100 8080
-# The node is the entrypoint: the operator's StatefulSet gives node pods only
-# `args` (`from-hostname /etc/cavi/config.yaml`). The operator's Deployment sets
-# `command: ["cavi-operator", "run"]`, which replaces the entrypoint.
+# The node is the entrypoint, for `docker run cavi:dev <shard> <config>`. Pods do
+# not rely on it: the operator's StatefulSet sets `command: ["kvstore-api"]` and
+# its Deployment `command: ["cavi-operator", "run"]`.
 ENTRYPOINT ["kvstore-api"]
 CMD ["--help"]

@@ -16,7 +16,10 @@ What is checked, and with what:
              generated CRD, with unknown fields refused as kubectl's default
              strict field validation does. The CRD's CEL rules
              (x-kubernetes-validations) are not evaluated here; the operator's
-             Rust tests cover the same rules.
+             Rust tests cover the same rules. The chart's optional ServiceMonitor
+             (monitoring.coreos.com/v1) is a Prometheus Operator custom resource
+             whose schema neither tool has: it is skipped here and checked
+             field by field by the render check that enables it.
   crd        deploy/crds/cavicluster.yaml is byte for byte `cavi-operator crd`,
              and the chart's copy is that file plus the wrapper lines
              scripts/sync-crd.sh adds.
@@ -264,12 +267,23 @@ def is_custom(doc: dict[str, Any]) -> bool:
     return str(doc.get("apiVersion", "")).split("/")[0] == CRD_GROUP
 
 
+# Custom resources of other projects that kubernetes-validate has no schema for
+# (it raises SchemaNotFoundError) and whose CRD is not in this repository:
+# skipped by validate_docs, asserted field by field where the chart renders them
+# (assert_service_monitor).
+FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
 def validate_docs(docs: Iterable[dict[str, Any]], source: str) -> str:
     """kubernetes-validate --strict at every K8S_VERSIONS (CRD schema for CaviClusters)."""
     problems = []
     count = 0
+    skipped = []
     for doc in docs:
         count += 1
+        if (doc.get("apiVersion"), doc.get("kind")) in FOREIGN_KINDS:
+            skipped.append(describe(doc))
+            continue
         if is_custom(doc):
             try:
                 validate_custom(doc, source)
@@ -287,7 +301,7 @@ def validate_docs(docs: Iterable[dict[str, Any]], source: str) -> str:
     require(count > 0, f"{source}: no objects")
     if problems:
         raise CheckFailed(f"{len(problems)} problem(s):\n" + "\n".join(problems))
-    return f"{count} objects"
+    return f"{count} objects" + (f"; no schema for {', '.join(skipped)}" if skipped else "")
 
 
 # --------------------------------------------------------------------------
@@ -436,6 +450,9 @@ def assert_defaults(docs, notes):
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
     require(env.get("RUST_LOG") == "info", "RUST_LOG=info is not set")
     require({p["containerPort"] for p in c["ports"]} == {8080}, "admin port is not 8080")
+    require(env.get("CAVI_OPERATOR_ADMIN_ADDR") == "0.0.0.0:8080",
+            f"CAVI_OPERATOR_ADMIN_ADDR is {env.get('CAVI_OPERATOR_ADMIN_ADDR')}, expected 0.0.0.0:8080")
+    require(not by_kind(docs, "ServiceMonitor"), "a ServiceMonitor is rendered although serviceMonitor.enabled is false")
     require(c["livenessProbe"]["httpGet"]["path"] == "/healthz", "liveness probe is not /healthz")
     require(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness probe is not /readyz")
     require("requests" in c.get("resources", {}) and "limits" in c.get("resources", {}), "resources lack requests or limits")
@@ -510,12 +527,55 @@ def assert_overrides(docs, notes):
     require(d["spec"]["template"]["metadata"]["annotations"] == {"a": "b"}, "podAnnotations not applied")
 
 
+def assert_admin_port(docs, notes):
+    c = container(docs)
+    require([p["containerPort"] for p in c["ports"]] == [9090], f"container ports are {c['ports']}")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    require(env.get("CAVI_OPERATOR_ADMIN_ADDR") == "0.0.0.0:9090",
+            f"the operator is not told to listen on 9090: CAVI_OPERATOR_ADMIN_ADDR={env.get('CAVI_OPERATOR_ADMIN_ADDR')}")
+    for probe in ("livenessProbe", "readinessProbe"):
+        require(c[probe]["httpGet"]["port"] == "admin", f"{probe} does not use the named admin port")
+    svc = the(docs, "Service")
+    require(svc["spec"]["ports"][0]["targetPort"] == "admin", "the metrics Service does not target the admin port")
+
+
+def assert_service_monitor(docs, notes):
+    sm = the(docs, "ServiceMonitor")
+    svc = the(docs, "Service")
+    require(sm["apiVersion"] == "monitoring.coreos.com/v1", f"ServiceMonitor apiVersion is {sm['apiVersion']}")
+    require(sm["metadata"]["namespace"] == NAMESPACE, "ServiceMonitor is not in the release namespace")
+    require(sm["metadata"]["labels"].get("release") == "prometheus", "serviceMonitor.labels not applied")
+    require(set(sm["spec"]) <= {"namespaceSelector", "selector", "endpoints"}, f"unexpected spec fields {sorted(sm['spec'])}")
+    require(sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}, "namespaceSelector is not the release namespace")
+    match = sm["spec"]["selector"]["matchLabels"]
+    require(set(sm["spec"]["selector"]) == {"matchLabels"}, "selector has more than matchLabels")
+    require(match.items() <= svc["metadata"]["labels"].items(), f"the selector {match} does not select the metrics Service")
+    require(match.get("app.kubernetes.io/component") == "metrics", "the selector does not pin the metrics component")
+    endpoints = sm["spec"]["endpoints"]
+    require(len(endpoints) == 1, f"expected one endpoint, got {endpoints}")
+    ep = endpoints[0]
+    require(set(ep) <= {"port", "path", "interval", "scrapeTimeout"}, f"unexpected endpoint fields {sorted(ep)}")
+    require(ep["port"] in {p["name"] for p in svc["spec"]["ports"]}, f"endpoint port {ep['port']} is not a port of the metrics Service")
+    require(ep["path"] == "/metrics", f"endpoint path is {ep['path']}")
+    require(ep["interval"] == "15s" and ep["scrapeTimeout"] == "5s", f"interval/scrapeTimeout are {ep.get('interval')}/{ep.get('scrapeTimeout')}")
+
+
+def assert_service_monitor_defaults(docs, notes):
+    ep = the(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    require(ep["interval"] == "30s", f"default interval is {ep['interval']}")
+    require("scrapeTimeout" not in ep, "an empty scrapeTimeout is rendered")
+
+
 VALUE_SETS: list[tuple[str, dict[str, Any], Callable]] = [
     ("defaults", {}, assert_defaults),
     ("example.enabled", {"example": {"enabled": True}}, assert_example),
     ("custom image", {"image": {"repository": "registry.example.com/cavi/cavi", "tag": "1.2.3", "pullPolicy": "Always"},
                       "example": {"enabled": True}}, assert_custom_image),
     ("image digest", {"image": {"digest": "sha256:" + "0" * 64}}, assert_digest),
+    ("adminPort=9090", {"adminPort": 9090}, assert_admin_port),
+    ("serviceMonitor.enabled", {"serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "5s",
+                                                   "labels": {"release": "prometheus"}}}, assert_service_monitor),
+    ("serviceMonitor.enabled with defaults", {"serviceMonitor": {"enabled": True}}, assert_service_monitor_defaults),
     ("crds.install=false", {"crds": {"install": False}}, assert_no_crd),
     ("crds.keep=false", {"crds": {"keep": False}}, assert_crd_not_kept),
     ("existing service account, no RBAC, no metrics Service",
@@ -537,6 +597,10 @@ REFUSED_VALUE_SETS: list[tuple[str, dict[str, Any]]] = [
     ("unknown key in an example shard", {"example": {"shards": [{"start": "a"}]}}),
     ("wrong type", {"replicaCount": "two"}),
     ("bad pull policy", {"image": {"pullPolicy": "Sometimes"}}),
+    ("unknown key in serviceMonitor", {"serviceMonitor": {"enabled": True, "intervall": "15s"}}),
+    ("a serviceMonitor interval that is not a duration", {"serviceMonitor": {"interval": "15 seconds"}}),
+    ("serviceMonitor without the metrics Service",
+     {"serviceMonitor": {"enabled": True}, "metrics": {"service": {"enabled": False}}}),
 ]
 
 
@@ -652,7 +716,11 @@ def check_dockerfile() -> str:
     for flag in ("--release", "--locked"):
         require(flag in words, f"the Dockerfile's cargo build lacks {flag}")
     bins = {words[i + 1] for i, w in enumerate(words[:-1]) if w == "--bin"}
-    require(bins == {"kvstore-api", "cavi-operator"}, f"the Dockerfile builds {sorted(bins)}, expected kvstore-api and cavi-operator")
+    require(bins == {"kvstore-api", "cavi-operator", "cavi"},
+            f"the Dockerfile builds {sorted(bins)}, expected kvstore-api, cavi-operator and cavi")
+    installed = next((l for l in lines if "install " in l and "/out" in l), "")
+    for b in sorted(bins):
+        require(f"target/release/{b}" in installed, f"the Dockerfile builds {b} but does not copy it into the image")
 
     proc = subprocess.run(["cargo", "metadata", "--no-deps", "--format-version", "1"], cwd=ROOT,
                           capture_output=True, text=True, check=False)
@@ -672,7 +740,7 @@ def check_dockerfile() -> str:
     user = next((l.split()[1] for l in final.splitlines() if l.startswith("USER ")), "")
     require(user.split(":")[0].isdigit() and user.split(":")[0] != "0", f"the runtime stage's USER is {user or 'unset'}, not a numeric non-root uid")
     require('ENTRYPOINT ["kvstore-api"]' in final,
-            "the image's ENTRYPOINT is not kvstore-api, but the operator's node pods pass only args")
+            "the image's ENTRYPOINT is not kvstore-api (what `docker run <image> <shard> <config>` expects)")
 
     ignore = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.strip().startswith("#")]
     root = Path(meta["workspace_root"])
@@ -686,16 +754,65 @@ def check_dockerfile() -> str:
 
 
 def check_commands(chart_docs: list[dict[str, Any]], plain_docs: list[dict[str, Any]],
-                   operator_docs: list[dict[str, Any]]) -> str:
-    """The pods start the binaries the image has, the way the image expects."""
+                   operator_renders: dict[str, list[dict[str, Any]]]) -> str:
+    """The pods start the binaries the image has, naming them (not relying on
+    the image's entrypoint)."""
     for source, docs in (("chart", chart_docs), ("deploy/operator.yaml", plain_docs)):
         c = the(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
         require(c.get("command", [])[:2] == ["cavi-operator", "run"], f"{source}: the operator is not started as `cavi-operator run`")
-    sts = the(operator_docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
-    argv = (sts.get("command") or ["kvstore-api"]) + (sts.get("args") or [])
-    require(argv[:2] == ["kvstore-api", "from-hostname"],
-            f"node pods run {argv}, expected `kvstore-api from-hostname <config>`")
-    return "cavi-operator run; " + " ".join(argv)
+    shown = []
+    for source, docs in operator_renders.items():
+        sts = the(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+        require(sts.get("command") == ["kvstore-api"], f"{source}: node pods' command is {sts.get('command')}, expected [kvstore-api]")
+        argv = sts["command"] + (sts.get("args") or [])
+        require(argv[:2] == ["kvstore-api", "from-hostname"],
+                f"{source}: node pods run {argv}, expected `kvstore-api from-hostname <config>`")
+        shown.append(" ".join(argv))
+    return "cavi-operator run; " + "; ".join(sorted(set(shown)))
+
+
+def check_node_storage(source: str, docs: list[dict[str, Any]]) -> str:
+    """A CaviCluster's storage shows in its StatefulSet: persistent storage as a
+    claim template mounted where --data-dir points, with fsGroup and a retention
+    policy; memory storage as none of these."""
+    cr = next((d for d in load_docs((ROOT / source).read_text(), source) if d.get("kind") == CRD_KIND), None)
+    require(cr is not None, f"{source} holds no {CRD_KIND}")
+    storage = (cr.get("spec") or {}).get("storage") or {}
+    sts = the(docs, "StatefulSet")["spec"]
+    pod = sts["template"]["spec"]
+    c = pod["containers"][0]
+    args = c.get("args") or []
+    mounts = {m["name"]: m for m in c.get("volumeMounts") or []}
+    annotations = sts["template"]["metadata"].get("annotations") or {}
+    http = next((p for p in c.get("ports") or [] if p.get("name") == "http"), None)
+    require(http is not None, f"{source}: the node container has no port named http")
+    require(annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/path") == "/metrics"
+            and annotations.get("prometheus.io/port") == str(http["containerPort"]),
+            f"{source}: the pod template lacks the prometheus.io annotations for port {http['containerPort']}: {annotations}")
+    if storage.get("type") != "Persistent":
+        require("volumeClaimTemplates" not in sts and "--data-dir" not in args and "fsGroup" not in pod["securityContext"],
+                f"{source}: memory storage renders a claim template, --data-dir or fsGroup")
+        return "memory: no claim template, no --data-dir"
+    persistent = storage["persistent"]
+    templates = sts.get("volumeClaimTemplates") or []
+    require(len(templates) == 1, f"{source}: expected one volume claim template, got {len(templates)}")
+    claim = templates[0]
+    name = claim["metadata"]["name"]
+    require(claim["spec"]["accessModes"] == ["ReadWriteOnce"], f"{source}: claim access modes are {claim['spec']['accessModes']}")
+    require(claim["spec"]["resources"]["requests"]["storage"] == persistent["size"],
+            f"{source}: the claim requests {claim['spec']['resources']['requests']}, the spec says {persistent['size']}")
+    require(claim["spec"].get("storageClassName") == persistent.get("storageClassName"), f"{source}: storage class differs")
+    require("--data-dir" in args, f"{source}: the node is not given --data-dir: {args}")
+    data_dir = args[args.index("--data-dir") + 1]
+    require(name in mounts and mounts[name]["mountPath"] == data_dir and not mounts[name].get("readOnly"),
+            f"{source}: claim {name} is not mounted writable at {data_dir}: {mounts}")
+    require(pod["securityContext"].get("fsGroup") == pod["securityContext"].get("runAsUser"),
+            f"{source}: fsGroup does not let the node's user write the volume")
+    policy = persistent.get("retentionPolicy") or {}
+    want = {"whenDeleted": policy.get("whenDeleted", "Retain"), "whenScaled": policy.get("whenScaled", "Retain")}
+    require(sts.get("persistentVolumeClaimRetentionPolicy") == want,
+            f"{source}: retention policy is {sts.get('persistentVolumeClaimRetentionPolicy')}, expected {want}")
+    return f"claim {name} {persistent['size']} at {data_dir}, retention {want['whenDeleted']}/{want['whenScaled']}"
 
 
 # --------------------------------------------------------------------------
@@ -793,7 +910,13 @@ def main() -> int:
         report.run("image: pods start the image's binaries",
                    lambda: check_commands(rendered["defaults"],
                                           load_docs((ROOT / "deploy" / "operator.yaml").read_text(), "deploy/operator.yaml"),
-                                          next(iter(operator_renders.values()))))
+                                          operator_renders))
+    for src, docs in operator_renders.items():
+        report.run(f"node pods: storage and metrics of cavi-operator render -f {src}",
+                   lambda src=src, docs=docs: check_node_storage(src, docs))
+    persistent_example = "deploy/examples/cavicluster-persistent.yaml"
+    if persistent_example not in operator_renders:
+        report.fail(f"node pods: {persistent_example}", "missing or not rendered: the persistent StatefulSet goes unchecked")
 
     # 3. CRD identity.
     report.run(f"crd: {rel(CRD_FILE)} == `cavi-operator crd`", check_crd_generated)

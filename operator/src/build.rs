@@ -5,18 +5,21 @@
 use std::collections::BTreeMap;
 
 use cavi_node::config::{ClusterConfig, ShardConfig};
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Serialize;
 
-use crate::crd::{CaviCluster, CaviClusterSpec, StorageType};
+use crate::crd::{CaviCluster, CaviClusterSpec, PersistentStorage, StorageSpec, StorageType};
 
 /// Key of the node config file in the ConfigMap.
 pub const CONFIG_KEY: &str = "config.yaml";
@@ -27,6 +30,21 @@ pub const CONFIG_DIR: &str = "/etc/cavi";
 pub const CONFIG_HASH_ANNOTATION: &str = "cavi.dev/config-hash";
 /// Name of the node container.
 pub const CONTAINER_NAME: &str = "kvstore";
+/// The node binary the container runs (set as `command`, so the pods do not
+/// depend on the image's entrypoint).
+pub const NODE_COMMAND: &str = "kvstore-api";
+/// Name of the volume claim template of persistent storage, and of the
+/// volume it mounts; the StatefulSet names each claim `data-<pod>`.
+pub const DATA_VOLUME: &str = "data";
+/// Where a persistent shard's volume is mounted and what `--data-dir` says.
+pub const DATA_DIR: &str = "/var/lib/cavi";
+/// The standard annotations that tell a Prometheus configured for them to
+/// scrape a pod, on which port and at which path.
+pub const PROMETHEUS_SCRAPE_ANNOTATION: &str = "prometheus.io/scrape";
+pub const PROMETHEUS_PORT_ANNOTATION: &str = "prometheus.io/port";
+pub const PROMETHEUS_PATH_ANNOTATION: &str = "prometheus.io/path";
+/// Where a node serves its Prometheus metrics (OpenMetrics text).
+pub const METRICS_PATH: &str = "/metrics";
 /// Name of the node's HTTP port, in the pod and in both Services.
 pub const PORT_NAME: &str = "http";
 /// The uid and gid the node runs as (the conventional non-root "nonroot").
@@ -282,20 +300,106 @@ fn runtime_default_seccomp() -> SeccompProfile {
     }
 }
 
+/// The persistent storage a spec asks for, if it asks for any (a
+/// `Persistent` type without its member is refused by the CRD and by
+/// [`crate::validate`], and builds like `Memory`).
+pub fn persistent_storage(storage: &StorageSpec) -> Option<&PersistentStorage> {
+    match storage.type_ {
+        StorageType::Memory => None,
+        StorageType::Persistent => storage.persistent.as_ref(),
+    }
+}
+
+/// The node's command line: its shard from the hostname, the mounted
+/// config, and the data directory when storage is persistent.
+pub fn node_args(spec: &CaviClusterSpec) -> Vec<String> {
+    let mut args = vec![
+        "from-hostname".to_owned(),
+        format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+    ];
+    if persistent_storage(&spec.storage).is_some() {
+        args.extend(["--data-dir".to_owned(), DATA_DIR.to_owned()]);
+    }
+    args
+}
+
+/// Pod-template annotations: the config hash (a new layout rolls the pods)
+/// and the Prometheus scrape hints. Only the config feeds the hash.
+pub fn pod_annotations(spec: &CaviClusterSpec, config_yaml: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            CONFIG_HASH_ANNOTATION.to_owned(),
+            stable_hash(config_yaml.as_bytes()),
+        ),
+        (PROMETHEUS_SCRAPE_ANNOTATION.to_owned(), "true".to_owned()),
+        (PROMETHEUS_PORT_ANNOTATION.to_owned(), spec.port.to_string()),
+        (
+            PROMETHEUS_PATH_ANNOTATION.to_owned(),
+            METRICS_PATH.to_owned(),
+        ),
+    ])
+}
+
+/// The claim template of persistent storage: one ReadWriteOnce volume of
+/// `size` per pod. Its labels select the claims of one cluster
+/// (`kubectl get pvc -l app.kubernetes.io/instance=<name>`); they derive
+/// from the name alone, because a claim template never changes.
+pub fn data_claim_template(names: &Names, storage: &PersistentStorage) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.into()),
+            labels: Some(labels(names)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    storage.size.clone(),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    }
+}
+
 /// StatefulSet `<name>`: one pod per shard, each taking its shard id from
 /// its ordinal (`from-hostname`), with the config mounted at `/etc/cavi`.
+/// Persistent storage adds a claim template mounted at [`DATA_DIR`], the
+/// `--data-dir` flag, an `fsGroup` so the non-root node can write the
+/// volume, and the claims' retention policy. The root filesystem stays
+/// read-only either way.
 pub fn stateful_set(
     names: &Names,
     owner: Option<OwnerReference>,
     spec: &CaviClusterSpec,
     config_yaml: &str,
 ) -> StatefulSet {
-    let config_path = format!("{CONFIG_DIR}/{CONFIG_KEY}");
+    let persistent = persistent_storage(&spec.storage);
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: CONFIG_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    if persistent.is_some() {
+        // The volume itself comes from the claim template of the same name.
+        mounts.push(VolumeMount {
+            name: DATA_VOLUME.into(),
+            mount_path: DATA_DIR.into(),
+            ..VolumeMount::default()
+        });
+    }
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.clone(),
-        args: Some(vec!["from-hostname".into(), config_path]),
+        command: Some(vec![NODE_COMMAND.into()]),
+        args: Some(node_args(spec)),
         ports: Some(vec![ContainerPort {
             name: Some(PORT_NAME.into()),
             container_port: spec.port,
@@ -316,25 +420,17 @@ pub fn stateful_set(
             seccomp_profile: Some(runtime_default_seccomp()),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".into(),
-            mount_path: CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
-    let volumes = match spec.storage.type_ {
-        // Memory storage needs no volume of its own.
-        StorageType::Memory => vec![Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: names.config_map(),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        }],
-    };
+    let volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: names.config_map(),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
     let placement = spec.placement.clone().unwrap_or_default();
     let pod_spec = PodSpec {
         containers: vec![container],
@@ -343,6 +439,11 @@ pub fn stateful_set(
             run_as_non_root: Some(true),
             run_as_user: Some(RUN_AS_USER),
             run_as_group: Some(RUN_AS_USER),
+            // The kubelet makes the volume group-writable for this gid;
+            // only when the root's group differs, so a large volume is not
+            // walked on every start.
+            fs_group: persistent.map(|_| RUN_AS_USER),
+            fs_group_change_policy: persistent.map(|_| "OnRootMismatch".into()),
             seccomp_profile: Some(runtime_default_seccomp()),
             ..PodSecurityContext::default()
         }),
@@ -366,14 +467,18 @@ pub fn stateful_set(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(names)),
-                    annotations: Some(BTreeMap::from([(
-                        CONFIG_HASH_ANNOTATION.to_owned(),
-                        stable_hash(config_yaml.as_bytes()),
-                    )])),
+                    annotations: Some(pod_annotations(spec, config_yaml)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec),
             },
+            volume_claim_templates: persistent.map(|p| vec![data_claim_template(names, p)]),
+            persistent_volume_claim_retention_policy: persistent.map(|p| {
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(p.retention_policy.when_deleted.as_str().into()),
+                    when_scaled: Some(p.retention_policy.when_scaled.as_str().into()),
+                }
+            }),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
@@ -565,7 +670,11 @@ spec:
                 ][..]
             )
         );
-        assert_eq!(container.command, None, "the image's entrypoint runs");
+        assert_eq!(
+            container.command.as_deref(),
+            Some(&["kvstore-api".to_owned()][..]),
+            "the node binary is named, not left to the image's entrypoint"
+        );
         let ports = container.ports.as_ref().unwrap();
         assert_eq!(ports.len(), 1);
         assert_eq!(ports[0].container_port, 4000);
@@ -675,10 +784,7 @@ spec:
         )
         .unwrap();
         assert_eq!(cluster.spec.port, 3100);
-        assert_eq!(
-            cluster.spec.image,
-            concat!("cavi:", env!("CARGO_PKG_VERSION"))
-        );
+        assert_eq!(cluster.spec.image, "cavi:dev");
         assert_eq!(cluster.spec.storage.type_, StorageType::Memory);
         assert_eq!(cluster.spec.shards[0].range_start, "");
         let c = Children::build(&cluster, "default").unwrap();
@@ -733,6 +839,223 @@ spec:
         let mut port = demo();
         port.spec.port = 4001;
         assert_ne!(hash_of(&port), h0);
+    }
+
+    #[test]
+    fn pods_carry_prometheus_annotations_that_do_not_feed_the_hash() {
+        let c = children(&demo());
+        let template = c.stateful_set.spec.unwrap().template;
+        let annotations = template.metadata.unwrap().annotations.unwrap();
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/port"], "4000");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics");
+        assert_eq!(annotations.len(), 4, "{annotations:?}");
+        // The annotated port is the container's named HTTP port.
+        let ports = template.spec.unwrap().containers[0].ports.clone().unwrap();
+        assert_eq!(ports[0].name.as_deref(), Some("http"));
+        assert_eq!(
+            ports[0].container_port.to_string(),
+            annotations["prometheus.io/port"]
+        );
+        // The hash is the config's alone, whatever else is annotated.
+        assert_eq!(
+            annotations[CONFIG_HASH_ANNOTATION],
+            stable_hash(config_yaml(&c.config_map).as_bytes())
+        );
+    }
+
+    const PERSISTENT: &str = r#"
+apiVersion: cavi.dev/v1alpha1
+kind: CaviCluster
+metadata: {name: demo, namespace: shop, uid: 6f1c2d1e-0000-4000-8000-000000000001}
+spec:
+  shards:
+    - { rangeStart: "a", rangeEnd: "m" }
+    - { rangeStart: "n", rangeEnd: "z" }
+  storage:
+    type: Persistent
+    persistent:
+      size: 2Gi
+      storageClassName: fast-ssd
+"#;
+
+    fn persistent() -> CaviCluster {
+        serde_yaml::from_str(PERSISTENT).unwrap()
+    }
+
+    #[test]
+    fn memory_storage_has_no_claim_template_and_no_data_dir() {
+        let c = children(&demo());
+        let spec = c.stateful_set.spec.unwrap();
+        assert_eq!(spec.volume_claim_templates, None);
+        assert_eq!(spec.persistent_volume_claim_retention_policy, None);
+        let pod = spec.template.spec.unwrap();
+        let container = &pod.containers[0];
+        assert_eq!(
+            container.args.as_deref(),
+            Some(
+                &[
+                    "from-hostname".to_owned(),
+                    "/etc/cavi/config.yaml".to_owned()
+                ][..]
+            )
+        );
+        let mounts = container.volume_mounts.as_ref().unwrap();
+        assert_eq!(
+            mounts.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            vec!["config"]
+        );
+        let volumes = pod.volumes.as_ref().unwrap();
+        assert_eq!(
+            volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+            vec!["config"]
+        );
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.fs_group, None);
+        assert_eq!(psc.fs_group_change_policy, None);
+        assert_eq!(
+            container
+                .security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn persistent_storage_adds_a_claim_template() {
+        let spec = children(&persistent()).stateful_set.spec.unwrap();
+        let templates = spec.volume_claim_templates.as_ref().unwrap();
+        assert_eq!(templates.len(), 1);
+        let claim = &templates[0];
+        assert_eq!(claim.metadata.name.as_deref(), Some("data"));
+        assert_eq!(claim.metadata.labels.as_ref(), Some(&expected_labels()));
+        assert_eq!(
+            claim.metadata.owner_references, None,
+            "the StatefulSet owns its claims"
+        );
+        let claim_spec = claim.spec.as_ref().unwrap();
+        assert_eq!(
+            claim_spec.access_modes.as_deref(),
+            Some(&["ReadWriteOnce".to_owned()][..])
+        );
+        assert_eq!(claim_spec.storage_class_name.as_deref(), Some("fast-ssd"));
+        let requests = claim_spec
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests["storage"].0, "2Gi");
+        assert_eq!(claim_spec.volume_mode, None);
+        assert!(claim.status.is_none());
+
+        // Without a class the cluster's default class provisions it.
+        let mut default_class = persistent();
+        default_class
+            .spec
+            .storage
+            .persistent
+            .as_mut()
+            .unwrap()
+            .storage_class_name = None;
+        let spec = children(&default_class).stateful_set.spec.unwrap();
+        let claim_spec = spec.volume_claim_templates.unwrap()[0]
+            .spec
+            .clone()
+            .unwrap();
+        assert_eq!(claim_spec.storage_class_name, None);
+    }
+
+    #[test]
+    fn persistent_storage_mounts_the_volume_at_the_data_dir() {
+        let pod = children(&persistent())
+            .stateful_set
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        let container = &pod.containers[0];
+        assert_eq!(
+            container.args.as_deref(),
+            Some(
+                &[
+                    "from-hostname".to_owned(),
+                    "/etc/cavi/config.yaml".to_owned(),
+                    "--data-dir".to_owned(),
+                    "/var/lib/cavi".to_owned(),
+                ][..]
+            )
+        );
+        assert_eq!(
+            container.command.as_deref(),
+            Some(&["kvstore-api".to_owned()][..])
+        );
+        let mounts = container.volume_mounts.as_ref().unwrap();
+        assert_eq!(mounts.len(), 2);
+        let data = mounts.iter().find(|m| m.name == "data").unwrap();
+        assert_eq!(data.mount_path, "/var/lib/cavi");
+        assert_eq!(data.read_only, None, "the node writes its data there");
+        let config = mounts.iter().find(|m| m.name == "config").unwrap();
+        assert_eq!(config.read_only, Some(true));
+        // The claim template supplies the data volume; the pod lists only
+        // the config.
+        let volumes = pod.volumes.as_ref().unwrap();
+        assert_eq!(
+            volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+            vec!["config"]
+        );
+        // The non-root node can write the volume; the root fs stays read-only.
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.fs_group, Some(65532));
+        assert_eq!(
+            psc.fs_group_change_policy.as_deref(),
+            Some("OnRootMismatch")
+        );
+        assert_eq!(psc.run_as_user, Some(65532));
+        assert_eq!(psc.run_as_non_root, Some(true));
+        let sc = container.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+    }
+
+    #[test]
+    fn retention_policy_defaults_to_retain_and_follows_the_spec() {
+        let policy = |cluster: &CaviCluster| {
+            let p = children(cluster)
+                .stateful_set
+                .spec
+                .unwrap()
+                .persistent_volume_claim_retention_policy
+                .unwrap();
+            (p.when_deleted.unwrap(), p.when_scaled.unwrap())
+        };
+        assert_eq!(policy(&persistent()), ("Retain".into(), "Retain".into()));
+
+        let explicit: CaviCluster = serde_yaml::from_str(&PERSISTENT.replace(
+            "storageClassName: fast-ssd",
+            "storageClassName: fast-ssd\n      retentionPolicy: {whenDeleted: Delete, whenScaled: Retain}",
+        ))
+        .unwrap();
+        assert_eq!(policy(&explicit), ("Delete".into(), "Retain".into()));
+        let scaled: CaviCluster = serde_yaml::from_str(&PERSISTENT.replace(
+            "storageClassName: fast-ssd",
+            "storageClassName: fast-ssd\n      retentionPolicy: {whenScaled: Delete}",
+        ))
+        .unwrap();
+        assert_eq!(policy(&scaled), ("Retain".into(), "Delete".into()));
+    }
+
+    #[test]
+    fn storage_does_not_feed_the_config_hash() {
+        // The hash rolls pods for a new layout; storage has its own rules.
+        let mut memory = persistent();
+        memory.spec.storage = crate::crd::StorageSpec::default();
+        assert_eq!(hash_of(&memory), hash_of(&persistent()));
     }
 
     #[test]

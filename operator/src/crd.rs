@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,12 @@ pub const CRD_NAME: &str = "caviclusters.cavi.dev";
 pub const CRD_PATH: &str = "deploy/crds/cavicluster.yaml";
 /// The most shards one cluster may declare.
 pub const MAX_SHARDS: usize = 64;
+/// The image a node runs when the spec does not say: the tag the
+/// Dockerfile's build instructions, the chart's `image.tag` and the examples
+/// use, so a cluster created without `image` runs the image a local build
+/// (`docker build -t cavi:dev .`, `kind load docker-image cavi:dev`) made.
+/// Clusters on a registry image set `spec.image`.
+pub const DEFAULT_IMAGE: &str = "cavi:dev";
 /// The port a node listens on when the spec does not say.
 pub const DEFAULT_PORT: i32 = 3100;
 
@@ -114,16 +121,28 @@ pub struct ShardRange {
     pub range_end: Option<String>,
 }
 
-/// Storage of the shards' data, a union keyed by `type`. Only `Memory`
-/// exists today; a `Persistent` kind with its own member (`size`,
-/// `storageClassName`) will sit beside it.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+/// Storage of the shards' data, a union keyed by `type`: `Memory` (the
+/// default) has no member, `Persistent` requires the `persistent` member.
+/// Fixed once the cluster runs: the operator refuses a change of `type`,
+/// `persistent.size` or `persistent.storageClassName` (a StatefulSet's
+/// volume claim templates cannot change); `persistent.retentionPolicy` may
+/// change at any time.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.type) || self.type != 'Persistent' || has(self.persistent)").message("storage.persistent (with a size) is required when storage.type is Persistent"))]
+#[x_kube(validation = Rule::new("!has(self.persistent) || (has(self.type) && self.type == 'Persistent')").message("storage.persistent is only allowed when storage.type is Persistent"))]
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
     /// Kind of storage. `Memory`: data lives in the node process and is
-    /// lost when a pod restarts.
+    /// lost when a pod restarts. `Persistent`: each shard keeps its data on
+    /// its own PersistentVolumeClaim and every acknowledged write is synced
+    /// to disk.
     #[serde(default, rename = "type")]
     pub type_: StorageType,
+
+    /// The volume of each shard; required when `type` is `Persistent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = not_nullable)]
+    pub persistent: Option<PersistentStorage>,
 }
 
 /// The kinds of storage a shard can use.
@@ -134,6 +153,77 @@ pub enum StorageType {
     /// Data lives in the node process and is lost when a pod restarts.
     #[default]
     Memory,
+    /// Data lives on a PersistentVolumeClaim per shard.
+    Persistent,
+}
+
+/// One PersistentVolumeClaim per shard (`data-<name>-<i>`), created by the
+/// StatefulSet from a volume claim template.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PersistentStorage {
+    /// Requested capacity of each shard's volume, as a Kubernetes quantity
+    /// (`1Gi`, `500Mi`). Fixed once the cluster runs; grow a volume by
+    /// expanding its claim, if its storage class allows that.
+    pub size: Quantity,
+
+    /// StorageClass of the volumes. Unset uses the cluster's default
+    /// class. Fixed once the cluster runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), transform = not_nullable)]
+    pub storage_class_name: Option<String>,
+
+    /// What happens to the claims when the cluster is deleted or loses
+    /// shards. Both default to `Retain`, which keeps the data.
+    #[serde(default)]
+    pub retention_policy: RetentionPolicy,
+}
+
+/// The StatefulSet's `persistentVolumeClaimRetentionPolicy`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionPolicy {
+    /// What happens to the claims when the CaviCluster (and so its
+    /// StatefulSet) is deleted.
+    #[serde(default)]
+    pub when_deleted: RetentionAction,
+
+    /// What happens to the claims of shards removed from the layout.
+    #[serde(default)]
+    pub when_scaled: RetentionAction,
+}
+
+/// Keep or delete a claim.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum RetentionAction {
+    /// The claim, and the data on it, stays; delete it by hand.
+    #[default]
+    Retain,
+    /// The claim is deleted, and with it (depending on the volume's
+    /// reclaim policy) the data.
+    Delete,
+}
+
+impl RetentionAction {
+    /// The value Kubernetes uses for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionAction::Retain => "Retain",
+            RetentionAction::Delete => "Delete",
+        }
+    }
+}
+
+impl StorageType {
+    /// The value the CRD uses for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageType::Memory => "Memory",
+            StorageType::Persistent => "Persistent",
+        }
+    }
 }
 
 /// Pod placement constraints, copied into the StatefulSet's pod template.
@@ -220,7 +310,7 @@ fn not_nullable(schema: &mut schemars::Schema) {
 }
 
 fn default_image() -> String {
-    concat!("cavi:", env!("CARGO_PKG_VERSION")).to_owned()
+    DEFAULT_IMAGE.to_owned()
 }
 
 fn default_port() -> i32 {

@@ -13,6 +13,7 @@ pub mod build;
 pub mod controller;
 pub mod crd;
 pub mod leader;
+pub mod quantity;
 pub mod reconcile;
 pub mod render;
 pub mod status;

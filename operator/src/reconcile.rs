@@ -28,7 +28,7 @@ use crate::admin::Metrics;
 use crate::build::{BuildError, CONFIG_KEY, Children, Names, cluster_config, selector_query};
 use crate::crd::{CaviCluster, CaviClusterStatus};
 use crate::status::{self, Observed};
-use crate::validate::{Invalid, validate};
+use crate::validate::{AppliedStorage, Invalid, check_storage_unchanged, validate};
 
 /// The one field manager every server-side apply of this operator uses.
 pub const FIELD_MANAGER: &str = "cavi-operator";
@@ -189,9 +189,18 @@ async fn reconcile_inner(cluster: &CaviCluster, ctx: &Context) -> Result<Action,
         stateful_set: stateful_sets.get_opt(&names.stateful_set()).await?,
     };
     let applied = observed.config_map.as_ref().and_then(applied_layout);
+    let applied_storage = observed.stateful_set.as_ref().map(AppliedStorage::of);
 
-    // 1. validate
-    if let Err(invalid) = validate(&names, &cluster.spec, applied.as_ref()) {
+    // 1. validate: the spec on its own, its layout against the ConfigMap's,
+    // its storage against the StatefulSet's.
+    let verdict = validate(&names, &cluster.spec, applied.as_ref()).and_then(|config| {
+        match &applied_storage {
+            Some(storage) => check_storage_unchanged(storage, &cluster.spec.storage),
+            None => Ok(()),
+        }
+        .map(|()| config)
+    });
+    if let Err(invalid) = verdict {
         warn!(reason = invalid.reason, message = %invalid.message, "spec refused");
         let pod_list = pods
             .list(&ListParams::default().labels(&selector_query(&names)))

@@ -3,7 +3,7 @@
 //! than on a cluster.
 #![allow(clippy::unwrap_used)]
 
-use cavi_operator::crd::{CaviCluster, ShardRange};
+use cavi_operator::crd::{CaviCluster, ShardRange, StorageSpec};
 use kube::core::cel::{validate_cel, validate_cel_schema};
 use serde_json::json;
 
@@ -53,4 +53,52 @@ fn shard_count_is_bounded() {
         .collect();
     let err = validate_cel(&cluster(&format!("[{}]", many.join(", ")))).unwrap_err();
     assert!(err.to_string().contains("at most 64 shards"), "{err}");
+}
+
+fn with_storage(storage: &str) -> CaviCluster {
+    serde_yaml::from_str(&format!(
+        "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\nmetadata: {{name: demo, namespace: ns}}\n\
+         spec:\n  shards: [{{rangeEnd: m}}]\n  storage: {storage}\n"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn persistent_storage_needs_its_member_and_only_it_has_one() {
+    validate_cel(&with_storage("{type: Memory}")).unwrap();
+    validate_cel(&with_storage("{type: Persistent, persistent: {size: 1Gi}}")).unwrap();
+    validate_cel(&with_storage(
+        "{type: Persistent, persistent: {size: 1Gi, storageClassName: fast, retentionPolicy: {whenDeleted: Delete}}}",
+    ))
+    .unwrap();
+
+    let err = validate_cel(&with_storage("{type: Persistent}")).unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "storage.persistent (with a size) is required when storage.type is Persistent"
+        ),
+        "{err}"
+    );
+    let err = validate_cel(&with_storage("{type: Memory, persistent: {size: 1Gi}}")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("storage.persistent is only allowed when storage.type is Persistent"),
+        "{err}"
+    );
+}
+
+#[test]
+fn storage_rules_hold_before_defaulting() {
+    // As sent by a client: `type` omitted means Memory.
+    validate_cel_schema::<StorageSpec>(&json!({}), None).unwrap();
+    let err = validate_cel_schema::<StorageSpec>(&json!({"persistent": {"size": "1Gi"}}), None)
+        .unwrap_err();
+    assert!(err.to_string().contains("only allowed"), "{err}");
+    validate_cel_schema::<StorageSpec>(
+        &json!({"type": "Persistent", "persistent": {"size": "1Gi"}}),
+        None,
+    )
+    .unwrap();
+    let err = validate_cel_schema::<StorageSpec>(&json!({"type": "Persistent"}), None).unwrap_err();
+    assert!(err.to_string().contains("is required"), "{err}");
 }

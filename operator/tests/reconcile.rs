@@ -574,3 +574,134 @@ async fn a_transient_api_error_is_retried_with_backoff() {
     server.assert_done().await;
     assert_eq!(metrics.failures("KubeApi"), 1);
 }
+
+fn with_storage(mut cluster: CaviCluster, storage: &str) -> CaviCluster {
+    cluster.spec.storage = serde_yaml::from_str(storage).unwrap();
+    cluster
+}
+
+const DISK_1GI: &str = "{type: Persistent, persistent: {size: 1Gi, storageClassName: fast}}";
+
+#[tokio::test]
+async fn a_storage_kind_change_is_refused_without_touching_the_stateful_set() {
+    let (ctx, mut server, metrics) = context();
+    let running = three_shards();
+    let world = World::running(&running);
+    let mut cluster = with_storage(three_shards(), DISK_1GI);
+    cluster.status = Some(world.status_of(&running));
+    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
+
+    // GETs, pods, the event, the status: no apply of any child.
+    let (status, event) = serve_refusal(&world, &mut server).await;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "StorageWouldChange");
+    let note = event["note"].as_str().unwrap();
+    assert!(note.contains("from Memory to Persistent"), "{note}");
+    let ready = find_condition(&status, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "StorageWouldChange")
+    );
+    assert!(
+        ready.message.contains("from Memory to Persistent"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(status.phase.as_deref(), Some("Invalid"));
+    assert_eq!(
+        status.ready_shards, 3,
+        "the running pods are still reported"
+    );
+
+    let error = run.await.unwrap().unwrap_err();
+    assert!(matches!(error, Error::InvalidSpec(_)), "{error}");
+    server.assert_done().await;
+    assert_eq!(metrics.failures("StorageWouldChange"), 1);
+}
+
+#[tokio::test]
+async fn a_size_change_is_refused_without_touching_the_stateful_set() {
+    let (ctx, mut server, metrics) = context();
+    let running = with_storage(three_shards(), DISK_1GI);
+    let world = World::running(&running);
+    let mut cluster = with_storage(
+        three_shards(),
+        "{type: Persistent, persistent: {size: 2Gi, storageClassName: fast}}",
+    );
+    cluster.status = Some(world.status_of(&running));
+    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
+
+    let (status, event) = serve_refusal(&world, &mut server).await;
+    assert_eq!(event["reason"], "StorageWouldChange");
+    let ready = find_condition(&status, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "StorageWouldChange")
+    );
+    assert!(
+        ready.message.contains("size would change from 1Gi to 2Gi"),
+        "{}",
+        ready.message
+    );
+
+    assert!(matches!(run.await.unwrap(), Err(Error::InvalidSpec(_))));
+    server.assert_done().await;
+    assert_eq!(metrics.failures("StorageWouldChange"), 1);
+}
+
+#[tokio::test]
+async fn a_persistent_cluster_whose_storage_is_unchanged_writes_nothing() {
+    let (ctx, mut server, _) = context();
+    let mut cluster = with_storage(three_shards(), DISK_1GI);
+    let world = World::running(&cluster);
+    cluster.status = Some(world.status_of(&cluster));
+    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
+
+    world.serve_gets(&mut server).await;
+    world.serve_pods(&mut server).await;
+
+    assert!(run.await.unwrap().is_ok());
+    server.assert_done().await;
+}
+
+#[tokio::test]
+async fn a_retention_policy_change_is_applied() {
+    let (ctx, mut server, _) = context();
+    let running = with_storage(three_shards(), DISK_1GI);
+    let world = World::running(&running);
+    let mut cluster = with_storage(
+        three_shards(),
+        "{type: Persistent, persistent: {size: 1Gi, storageClassName: fast, retentionPolicy: {whenDeleted: Delete}}}",
+    );
+    cluster.status = Some(world.status_of(&running));
+    let expected = Children::build(&cluster, NS).unwrap();
+    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
+
+    world.serve_gets(&mut server).await;
+    let call = server.next().await;
+    call.assert_apply(STS_PATH);
+    let sts: StatefulSet = call.json();
+    assert_eq!(sts, expected.stateful_set);
+    let spec = sts.spec.as_ref().unwrap();
+    let policy = spec
+        .persistent_volume_claim_retention_policy
+        .as_ref()
+        .unwrap();
+    assert_eq!(policy.when_deleted.as_deref(), Some("Delete"));
+    assert_eq!(policy.when_scaled.as_deref(), Some("Retain"));
+    // The claim template the running StatefulSet has, unchanged.
+    assert_eq!(
+        spec.volume_claim_templates,
+        world
+            .stateful_set
+            .spec
+            .as_ref()
+            .unwrap()
+            .volume_claim_templates
+    );
+    call.ok(&rolled_out(&sts));
+
+    world.serve_pods(&mut server).await;
+    assert!(run.await.unwrap().is_ok());
+    server.assert_done().await;
+}

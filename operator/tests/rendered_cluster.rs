@@ -206,3 +206,132 @@ async fn a_rendered_config_runs_a_three_node_cluster() {
         json!([{"key": "kiwi", "value": "kiwi-value"}])
     );
 }
+
+/// Starts the node command line of a rendered pod, with the pod's paths
+/// (`/etc/cavi/...`, `/var/lib/cavi`) moved under `root`.
+fn start_pod(binary: &Path, argv: &[String], pod: &str, root: &Path, base: String) -> Node {
+    assert_eq!(argv.first().map(String::as_str), Some("kvstore-api"));
+    let data_dir = root.join(pod).join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let args: Vec<String> = argv[1..]
+        .iter()
+        .map(|a| match a.as_str() {
+            "/etc/cavi/config.yaml" => root.join("config.yaml").display().to_string(),
+            "/var/lib/cavi" => data_dir.display().to_string(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let log = root.join(format!("{pod}.log"));
+    let child = Command::new(binary)
+        .args(&args)
+        .env("HOSTNAME", pod)
+        .env_remove("CAVI_LISTEN")
+        .env_remove("CAVI_SHARD")
+        .env_remove("CAVI_CONFIG")
+        .env_remove("CAVI_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Node { child, base, log }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendered_persistent_pod_keeps_its_data_across_a_restart() {
+    let binary = node_binary();
+    let cluster: CaviCluster = serde_yaml::from_str(
+        r#"
+apiVersion: cavi.dev/v1alpha1
+kind: CaviCluster
+metadata: {name: durable, namespace: shop}
+spec:
+  shards:
+    - {rangeEnd: "m"}
+    - {rangeStart: "n"}
+  storage: {type: Persistent, persistent: {size: 1Gi}}
+"#,
+    )
+    .unwrap();
+    let children = Children::build(&cluster, "shop").unwrap();
+    let container = children
+        .stateful_set
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .clone();
+    // The command line exactly as the pods run it.
+    let argv: Vec<String> = container
+        .command
+        .unwrap()
+        .into_iter()
+        .chain(container.args.unwrap())
+        .collect();
+    assert!(argv.contains(&"--data-dir".to_owned()), "{argv:?}");
+
+    let mut config =
+        ClusterConfig::from_yaml(&children.config_map.data.as_ref().unwrap()[CONFIG_KEY]).unwrap();
+    for shard in &mut config.shards {
+        shard.addr = format!("127.0.0.1:{}", free_port());
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("config.yaml"), config.to_yaml()).unwrap();
+    let bases: Vec<String> = config
+        .shards
+        .iter()
+        .map(|s| format!("http://{}", s.addr))
+        .collect();
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| {
+            start_pod(
+                &binary,
+                &argv,
+                &format!("durable-{i}"),
+                root.path(),
+                bases[i].clone(),
+            )
+        })
+        .collect();
+    for node in &mut nodes {
+        node.wait_ready(&http, deadline).await;
+    }
+    // Written through shard 1, owned by shard 0.
+    let put = http
+        .put(format!("{}/kv/apple", bases[1]))
+        .json(&json!({"value": "kept"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    // Shard 0's data lives in its own volume, in the node's layout.
+    assert!(
+        root.path().join("durable-0/data/shard-0").is_dir(),
+        "{}",
+        nodes[0].log()
+    );
+
+    // The pod dies without a goodbye and comes back on the same volume.
+    let mut dead = nodes.remove(0);
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    drop(dead);
+    let mut back = start_pod(&binary, &argv, "durable-0", root.path(), bases[0].clone());
+    back.wait_ready(&http, Instant::now() + Duration::from_secs(30))
+        .await;
+    for base in [&bases[0], &bases[1]] {
+        let get = http.get(format!("{base}/kv/apple")).send().await.unwrap();
+        assert_eq!(get.status(), 200, "GET apple via {base}:\n{}", back.log());
+        assert_eq!(get.json::<Value>().await.unwrap(), json!("kept"));
+    }
+}

@@ -58,6 +58,12 @@ pub const DEFAULT_PORT: i32 = 3100;
         json_path = ".status.phase"
     ),
     printcolumn(
+        name = "Storage",
+        type_ = "string",
+        description = "Where the shards keep their data: Memory or Persistent",
+        json_path = ".spec.storage.type"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

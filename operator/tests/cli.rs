@@ -70,7 +70,7 @@ fn crd_declares_names_columns_status_and_cel_rules() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, vec!["Shards", "Ready", "Phase", "Age"]);
+    assert_eq!(columns, vec!["Shards", "Ready", "Phase", "Storage", "Age"]);
 
     let schema = &version["schema"]["openAPIV3Schema"]["properties"];
     let cavi_spec = &schema["spec"];
@@ -93,8 +93,28 @@ fn crd_declares_names_columns_status_and_cel_rules() {
             "spec.{field:?} has no description"
         );
     }
-    let storage = &cavi_spec["properties"]["storage"]["properties"]["type"];
-    assert_eq!(storage["enum"][0], "Memory");
+    let storage = &cavi_spec["properties"]["storage"];
+    assert_eq!(
+        storage["properties"]["type"]["enum"],
+        serde_yaml::from_str::<serde_yaml::Value>("[Memory, Persistent]").unwrap()
+    );
+    assert_eq!(storage["default"]["type"], "Memory");
+    let storage_rules = serde_yaml::to_string(&storage["x-kubernetes-validations"]).unwrap();
+    assert!(
+        storage_rules.contains("has(self.persistent)"),
+        "{storage_rules}"
+    );
+    let persistent = &storage["properties"]["persistent"];
+    assert_eq!(persistent["required"][0], "size");
+    assert_eq!(
+        persistent["properties"]["size"]["x-kubernetes-int-or-string"],
+        true
+    );
+    let retention = &persistent["properties"]["retentionPolicy"]["properties"];
+    for field in ["whenDeleted", "whenScaled"] {
+        assert_eq!(retention[field]["default"], "Retain", "{field}");
+    }
+    assert_eq!(cavi_spec["properties"]["image"]["default"], "cavi:dev");
     let status = &schema["status"]["properties"];
     for field in [
         "observedGeneration",

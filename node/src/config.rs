@@ -56,7 +56,7 @@ impl ShardConfig {
     }
 
     pub fn owns(&self, key: &str) -> bool {
-        self.range().contains(key)
+        crate::keyspace::owns(&self.range_start, self.range_end.as_deref(), key)
     }
 
     /// The port part of `addr`.

@@ -36,6 +36,16 @@ pub fn prefix_upper_bound(prefix: &[u8]) -> Upper {
     None
 }
 
+/// The ownership rule itself, written out so the request path checks it
+/// without building a range or an upper bound (no allocation).
+pub fn owns(start: &str, end: Option<&str>, key: &str) -> bool {
+    start <= key
+        && match end {
+            None => true,
+            Some(end) => key <= end || key.starts_with(end),
+        }
+}
+
 /// `a < b` where `None` on either side is +infinity.
 fn below(a: &[u8], b: &Upper) -> bool {
     match b {
@@ -61,7 +71,7 @@ impl KeyRange {
 
     /// Whether this range owns `key`.
     pub fn contains(&self, key: &str) -> bool {
-        self.start.as_str() <= key && below(key.as_bytes(), &self.upper())
+        owns(&self.start, self.end.as_deref(), key)
     }
 
     /// Whether some key starting with `prefix` falls in this range, i.e.
@@ -135,6 +145,38 @@ mod tests {
         assert!(nz.contains("zzzz"));
         assert!(!nz.contains("{"));
         assert!(!nz.contains("mango"));
+    }
+
+    #[test]
+    fn the_written_out_rule_agrees_with_the_interval() {
+        let ranges = [
+            r("a", Some("m")),
+            r("", Some("c")),
+            r("x", None),
+            r("m\u{7f}", Some("m\u{7f}")),
+        ];
+        let keys = [
+            "",
+            "a",
+            "b",
+            "c",
+            "cz",
+            "d",
+            "m",
+            "m\u{7f}",
+            "m\u{7f}z",
+            "m\u{80}",
+            "n",
+            "x",
+            "\u{10ffff}",
+        ];
+        for range in &ranges {
+            for key in keys {
+                let by_interval =
+                    range.start.as_str() <= key && below(key.as_bytes(), &range.upper());
+                assert_eq!(range.contains(key), by_interval, "{range} {key:?}");
+            }
+        }
     }
 
     #[test]

@@ -8,6 +8,9 @@ use axum::http::request::Parts;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use std::sync::Arc;
+
+use crate::dispatch::Node;
 use crate::error::ApiError;
 use crate::peers::{Caller, FORWARDED_HEADER, REQUEST_ID_HEADER};
 
@@ -77,14 +80,14 @@ pub struct PutBody {
     pub value: String,
 }
 
-impl<S: Send + Sync> FromRequest<S> for PutBody {
+impl FromRequest<Arc<Node>> for PutBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &Arc<Node>) -> Result<Self, ApiError> {
         if !is_json(req.headers().get(header::CONTENT_TYPE)) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let limit = axum_body_limit(&req);
+        let limit = state.settings().max_body_bytes();
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::BodyTooLarge { limit }
@@ -111,18 +114,6 @@ impl<S: Send + Sync> FromRequest<S> for PutBody {
         Ok(body)
     }
 }
-
-/// The body limit in force, recorded by the router for error messages.
-fn axum_body_limit(req: &Request) -> usize {
-    req.extensions()
-        .get::<BodyLimit>()
-        .map(|l| l.0)
-        .unwrap_or_default()
-}
-
-/// Extension carrying the configured body limit to the extractor.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
 
 fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
     let Some(ct) = content_type.and_then(|v| v.to_str().ok()) else {

@@ -1,5 +1,5 @@
 //! The HTTP surface: routes, thin handlers, and the layers that apply to
-//! every request (request id, tracing, deadline, body limit, metrics).
+//! every request (request id, span, deadline, body limit, metrics).
 
 mod extract;
 
@@ -13,9 +13,9 @@ use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde::Serialize;
-use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::config::ShardConfig;
 use crate::dispatch::Node;
@@ -23,7 +23,7 @@ use crate::error::ApiError;
 use crate::peers::{Caller, KvOp, REQUEST_ID_HEADER};
 use crate::search::SearchParams;
 pub use extract::PutBody;
-use extract::{BodyLimit, Key, Params};
+use extract::{Key, Params};
 
 /// Header on a partial search answer, naming the shards that are missing.
 pub const PARTIAL_HEADER: &str = "x-cavi-partial";
@@ -47,20 +47,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(Extension(BodyLimit(body_limit)))
         .layer(middleware::from_fn_with_state(
             settings.request_timeout,
-            deadline,
+            edge,
         ))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req
-                .headers()
-                .get(REQUEST_ID_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }))
-        .layer(middleware::from_fn(request_id))
         .with_state(node)
 }
 
@@ -169,18 +159,14 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Bounds every request, forwarded ones included, so a stuck store or peer
-/// can never hold a client forever.
-async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::RequestTimeout(limit).into_response(),
-    }
-}
-
-/// Keeps the caller's `x-request-id` (or makes one) so logs of every node
-/// a request touches share it; the answer carries it back.
-async fn request_id(mut req: Request, next: Next) -> Response {
+/// What every request goes through first, in one layer because each layer
+/// costs a boxed future on the hot path:
+/// - keeps the caller's `x-request-id` (or makes one) so the logs of every
+///   node a request touches share it, and the answer carries it back;
+/// - runs the request inside a span naming that id;
+/// - bounds it by the request timeout, so a stuck store or peer can never
+///   hold a client forever.
+async fn edge(State(limit): State<Duration>, mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -188,17 +174,34 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .cloned()
         .unwrap_or_else(new_request_id);
     req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
-    let mut response = next.run(req).await;
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = %String::from_utf8_lossy(id.as_bytes()),
+    );
+    let mut response =
+        match tokio::time::timeout(limit, next.run(req).instrument(span.clone())).await {
+            Ok(response) => response,
+            Err(_) => span.in_scope(|| ApiError::RequestTimeout(limit).into_response()),
+        };
+    tracing::debug!(parent: &span, status = response.status().as_u16(), "answered");
     response.headers_mut().insert(REQUEST_ID_HEADER, id);
     response
 }
 
+/// 16 hex digits, unique per process and unpredictable across processes.
 fn new_request_id() -> HeaderValue {
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(SEQUENCE.fetch_add(1, Ordering::Relaxed));
-    let id = format!("{:016x}", hasher.finish());
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    let mut n = hasher.finish();
+    let mut hex = [b'0'; 16];
+    for digit in hex.iter_mut().rev() {
+        *digit = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Counts and times every routed request by method, route and status.

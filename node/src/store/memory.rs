@@ -1,19 +1,102 @@
-//! The default engine: an ordered map behind a reader-writer lock, so
+//! The default engine: an ordered set behind a reader-writer lock, so
 //! concurrent readers share the lock and only writers take it alone.
+//!
+//! Each entry is one allocation, `[key length | key | value]`, ordered and
+//! looked up by its key bytes (the set borrows them straight out of the
+//! entry). One allocation instead of one per key and per value is what
+//! keeps a small entry near the size of its bytes.
 
-use std::collections::BTreeMap;
+use std::borrow::Borrow;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{Entry, Store, StoreError, WriteAck};
 
-/// `Box<str>` instead of `String` saves a capacity word per key and value.
-#[derive(Debug, Default)]
+const LEN: usize = std::mem::size_of::<u32>();
+
+/// A key and its value in one boxed slice.
+struct Packed(Box<[u8]>);
+
+impl Packed {
+    fn new(key: &str, value: &str) -> Self {
+        let mut bytes = Vec::with_capacity(LEN + key.len() + value.len());
+        // Keys are bounded far below 4 GiB by the node's key size limit.
+        let len = u32::try_from(key.len()).unwrap_or(u32::MAX);
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.extend_from_slice(value.as_bytes());
+        Self(bytes.into_boxed_slice())
+    }
+
+    fn key_len(&self) -> usize {
+        let mut len = [0u8; LEN];
+        len.copy_from_slice(&self.0[..LEN]);
+        u32::from_le_bytes(len) as usize
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.0[LEN..LEN + self.key_len()]
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.0[LEN + self.key_len()..]
+    }
+
+    /// Key and value bytes, as counted in `bytes()`.
+    fn size(&self) -> u64 {
+        (self.0.len() - LEN) as u64
+    }
+}
+
+impl Borrow<[u8]> for Packed {
+    fn borrow(&self) -> &[u8] {
+        self.key()
+    }
+}
+
+impl PartialEq for Packed {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Packed {}
+
+impl PartialOrd for Packed {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// By key only, exactly as the borrowed `[u8]` compares, which is what
+/// lets the set be searched with a plain key.
+impl Ord for Packed {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        self.key().cmp(other.key())
+    }
+}
+
+fn text(bytes: &[u8]) -> Result<String, StoreError> {
+    // Everything stored came in as `&str`.
+    String::from_utf8(bytes.to_vec()).map_err(|_| StoreError("stored data is not UTF-8".into()))
+}
+
+#[derive(Default)]
 pub struct MemoryStore {
-    map: RwLock<BTreeMap<Box<str>, Box<str>>>,
+    set: RwLock<BTreeSet<Packed>>,
     /// Key and value bytes, kept up to date under the write lock.
     bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("keys", &self.len())
+            .finish()
+    }
 }
 
 impl MemoryStore {
@@ -21,53 +104,54 @@ impl MemoryStore {
         Self::default()
     }
 
-    // A panic while holding the lock cannot leave the map memory-unsafe,
-    // and the map's own operations do not panic half-way; keep serving.
-    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<Box<str>, Box<str>>> {
-        self.map.read().unwrap_or_else(PoisonError::into_inner)
+    // A panic while holding the lock cannot leave the set memory-unsafe,
+    // and the set's own operations do not panic half-way; keep serving.
+    fn read(&self) -> RwLockReadGuard<'_, BTreeSet<Packed>> {
+        self.set.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<Box<str>, Box<str>>> {
-        self.map.write().unwrap_or_else(PoisonError::into_inner)
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeSet<Packed>> {
+        self.set.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Store for MemoryStore {
     fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.read().get(key).map(|v| v.to_string()))
+        self.read()
+            .get(key.as_bytes())
+            .map(|p| text(p.value()))
+            .transpose()
     }
 
     fn put(&self, key: &str, value: &str) -> WriteAck {
-        let mut map = self.write();
-        let added = (key.len() + value.len()) as u64;
-        if let Some(old) = map.insert(key.into(), value.into()) {
-            self.bytes
-                .fetch_sub((key.len() + old.len()) as u64, Ordering::Relaxed);
+        let entry = Packed::new(key, value);
+        let added = entry.size();
+        if let Some(old) = self.write().replace(entry) {
+            self.bytes.fetch_sub(old.size(), Ordering::Relaxed);
         }
         self.bytes.fetch_add(added, Ordering::Relaxed);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn delete(&self, key: &str) -> WriteAck {
-        if let Some(old) = self.write().remove(key) {
-            self.bytes
-                .fetch_sub((key.len() + old.len()) as u64, Ordering::Relaxed);
+        if let Some(old) = self.write().take(key.as_bytes()) {
+            self.bytes.fetch_sub(old.size(), Ordering::Relaxed);
         }
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, StoreError> {
-        let map = self.read();
-        let entries = map
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
+        let set = self.read();
+        set.range::<[u8], _>((Bound::Included(prefix.as_bytes()), Bound::Unbounded))
+            .take_while(|p| p.key().starts_with(prefix.as_bytes()))
             .take(limit)
-            .map(|(k, v)| Entry {
-                key: k.to_string(),
-                value: v.to_string(),
+            .map(|p| {
+                Ok(Entry {
+                    key: text(p.key())?,
+                    value: text(p.value())?,
+                })
             })
-            .collect();
-        Ok(entries)
+            .collect()
     }
 
     fn len(&self) -> usize {
@@ -98,6 +182,13 @@ mod tests {
         put(&s, "a", "2");
         assert_eq!(s.get("a").expect("get").as_deref(), Some("2"));
         assert_eq!(s.bytes(), 2);
+        put(&s, "", "");
+        put(&s, "ab", "");
+        assert_eq!(s.get("").expect("get").as_deref(), Some(""));
+        assert_eq!(s.get("ab").expect("get").as_deref(), Some(""));
+        assert_eq!(s.bytes(), 4);
+        drop(s.delete("ab"));
+        drop(s.delete(""));
         drop(s.delete("a"));
         drop(s.delete("a"));
         assert!(s.is_empty());

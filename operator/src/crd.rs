@@ -194,7 +194,11 @@ pub struct RetentionPolicy {
     #[serde(default)]
     pub when_deleted: RetentionAction,
 
-    /// What happens to the claims of shards removed from the layout.
+    /// What happens to the claims of shards removed from the layout. The
+    /// operator refuses removing a shard until resharding exists, so today
+    /// it matters only when someone scales the StatefulSet down by hand:
+    /// the operator scales it back, and with `Delete` the shard comes back
+    /// empty.
     #[serde(default)]
     pub when_scaled: RetentionAction,
 }

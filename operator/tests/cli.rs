@@ -190,6 +190,22 @@ fn render_refuses_other_kinds_invalid_layouts_and_missing_files() {
         "{err}"
     );
 
+    let bad_size = dir.path().join("bad-size.yaml");
+    std::fs::write(
+        &bad_size,
+        "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\nmetadata: {name: disk}\nspec:\n  shards: [{rangeEnd: m}]\n  storage: {type: Persistent, persistent: {size: 10GB}}\n",
+    )
+    .unwrap();
+    let out = operator(&["render", "-f", bad_size.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CaviCluster disk would be refused (InvalidStorage)")
+            && err.contains("\"10GB\" is not a Kubernetes quantity"),
+        "{err}"
+    );
+
     let out = operator(&["render", "-f", "/nonexistent/cluster.yaml"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -29,10 +29,10 @@ pub struct Caller {
     pub request_id: Option<HeaderValue>,
 }
 
-/// Everything but unreserved characters is escaped, `+` included: the
-/// receiver decodes the query once with form rules, where a bare `+` would
-/// turn into a space.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+/// Everything but unreserved characters is escaped, `/` and `+` included:
+/// a key is then one path segment, and a receiver decoding a query with
+/// form rules does not turn a bare `+` into a space.
+pub const URL_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')
@@ -123,7 +123,7 @@ impl PeerClient {
         let url = format!(
             "http://{}/kv?key={}",
             owner.addr,
-            utf8_percent_encode(key, QUERY_VALUE)
+            utf8_percent_encode(key, URL_ESCAPE)
         );
         let request = match op {
             KvOp::Get => self.http.get(url),
@@ -163,7 +163,7 @@ impl PeerClient {
         let mut url = format!(
             "http://{}/search?scope=local&prefix={}",
             shard.addr,
-            utf8_percent_encode(prefix, QUERY_VALUE)
+            utf8_percent_encode(prefix, URL_ESCAPE)
         );
         if let Some(limit) = limit {
             url.push_str(&format!("&limit={limit}"));
@@ -202,16 +202,26 @@ impl PeerClient {
         } else if e.is_timeout() {
             PeerError::Timeout(self.request_timeout)
         } else if e.is_connect() {
-            PeerError::Unavailable(root_cause(&e))
+            PeerError::Unavailable(transport_cause(&e))
         } else {
-            PeerError::BadResponse(root_cause(&e))
+            PeerError::BadResponse(transport_cause(&e))
         }
     }
 }
 
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
+/// The innermost cause of a transport error, in words: for a refused
+/// connection `connection refused`, not reqwest's chain of wrappers.
+pub(crate) fn transport_cause(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
     while let Some(next) = cause.source() {
+        if let Some(io) = next.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+                std::io::ErrorKind::TimedOut => "timed out".into(),
+                _ => io.to_string(),
+            };
+        }
         cause = next;
     }
     cause.to_string()

@@ -13,13 +13,14 @@ pub mod table;
 
 use std::time::Duration;
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::utf8_percent_encode;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::api::{ClusterView, PARTIAL_HEADER};
 use crate::error::ErrorBody;
+use crate::peers::{URL_ESCAPE, transport_cause};
 
 pub use error::{ClientError, EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE};
 
@@ -27,20 +28,8 @@ pub use error::{ClientError, EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE};
 /// `CAVI_ENDPOINT` says otherwise: the first shard of the local quick start.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:3100";
 
-/// Everything but the unreserved characters `A-Za-z0-9-._~` is escaped,
-/// `/`, `?`, `%` and `+` included, in path segments and query values alike.
-const ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
-/// One stored pair, as `/search` lists them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    pub key: String,
-    pub value: String,
-}
+/// One stored pair, as `/search` lists them: the node's own type.
+pub use crate::store::Entry;
 
 /// The answer to a search.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +90,7 @@ impl Client {
     /// segment, or `/kv?key=` for `.` and `..`, which URL libraries would
     /// otherwise rewrite as dot segments.
     pub fn key_url(&self, key: &str) -> String {
-        let escaped = utf8_percent_encode(key, ESCAPE);
+        let escaped = utf8_percent_encode(key, URL_ESCAPE);
         if key == "." || key == ".." {
             format!("{}/kv?key={escaped}", self.base)
         } else {
@@ -146,7 +135,7 @@ impl Client {
         let mut url = format!(
             "{}/search?prefix={}",
             self.base,
-            utf8_percent_encode(prefix, ESCAPE)
+            utf8_percent_encode(prefix, URL_ESCAPE)
         );
         if let Some(limit) = limit {
             url.push_str(&format!("&limit={limit}"));
@@ -235,7 +224,7 @@ impl Client {
         let reason = if e.is_timeout() {
             format!("no answer within {}", seconds(self.timeout))
         } else {
-            root_cause(e)
+            transport_cause(e)
         };
         ClientError::Unreachable {
             endpoint: self.base.clone(),
@@ -275,24 +264,6 @@ pub fn normalize_endpoint(endpoint: &str) -> Result<String, ClientError> {
         )));
     }
     Ok(with_scheme)
-}
-
-/// The innermost cause of a transport error, in words: for a refused
-/// connection `connection refused`, not reqwest's chain of wrappers.
-fn root_cause(e: &reqwest::Error) -> String {
-    let mut cause: &dyn std::error::Error = e;
-    while let Some(next) = cause.source() {
-        if let Some(io) = next.downcast_ref::<std::io::Error>() {
-            return match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
-                std::io::ErrorKind::ConnectionReset => "connection reset".into(),
-                std::io::ErrorKind::TimedOut => "timed out".into(),
-                _ => io.to_string(),
-            };
-        }
-        cause = next;
-    }
-    cause.to_string()
 }
 
 /// At most 200 characters of a body, for error messages.

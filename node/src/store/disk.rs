@@ -12,7 +12,8 @@
 //! silently serves (or hides) keys that another shard now owns.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -71,6 +72,8 @@ pub struct DiskStore {
     data: Keyspace,
     writes: Option<mpsc::Sender<Write>>,
     writer: Option<JoinHandle<()>>,
+    /// Synced commits so far; fewer than writes when writers share syncs.
+    syncs: Arc<AtomicU64>,
 }
 
 fn err(context: &str, dir: &Path) -> impl FnOnce(fjall::Error) -> StoreError {
@@ -104,18 +107,25 @@ impl DiskStore {
 
         let (tx, rx) = mpsc::channel();
         let max_batch = options.max_batch.max(1);
+        let syncs = Arc::new(AtomicU64::new(0));
         let writer = std::thread::Builder::new()
             .name(format!("cavi-writer-{shard}"))
             .spawn({
-                let data = data.clone();
-                move || write_loop(&db, &data, &rx, max_batch)
+                let (data, syncs) = (data.clone(), syncs.clone());
+                move || write_loop(&db, &data, &rx, max_batch, &syncs)
             })
             .map_err(|e| StoreError(format!("cannot start the storage writer: {e}")))?;
         Ok(Self {
             data,
             writes: Some(tx),
             writer: Some(writer),
+            syncs,
         })
+    }
+
+    /// Synced commits since the store was opened.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     fn submit(&self, op: Op) -> WriteAck {
@@ -178,7 +188,13 @@ fn check_owner(
     Ok(())
 }
 
-fn write_loop(db: &Database, data: &Keyspace, queue: &mpsc::Receiver<Write>, max_batch: usize) {
+fn write_loop(
+    db: &Database,
+    data: &Keyspace,
+    queue: &mpsc::Receiver<Write>,
+    max_batch: usize,
+    syncs: &AtomicU64,
+) {
     while let Ok(first) = queue.recv() {
         let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
         let mut waiting = Vec::with_capacity(max_batch.min(64));
@@ -198,8 +214,11 @@ fn write_loop(db: &Database, data: &Keyspace, queue: &mpsc::Receiver<Write>, max
         let result = batch
             .commit()
             .map_err(|e| StoreError(format!("write not persisted: {e}")));
-        if let Err(e) = &result {
-            tracing::error!("{e}");
+        match &result {
+            Ok(()) => {
+                syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!("{e}"),
         }
         tracing::trace!(writes = waiting.len(), "group commit");
         for done in waiting {
@@ -311,6 +330,17 @@ mod tests {
             ack.await.expect("put");
         }
         assert_eq!(s.scan_prefix("k", usize::MAX).expect("scan").len(), 500);
+        // 500 writers queued at once: while one sync runs the rest queue up
+        // and share the next ones.
+        let syncs = s.syncs();
+        assert!(
+            (1..=50).contains(&syncs),
+            "{syncs} syncs for 500 concurrent writes"
+        );
+
+        // A lone writer still gets a sync of its own before its answer.
+        s.put("alone", "v").await.expect("put");
+        assert_eq!(s.syncs(), syncs + 1);
     }
 
     #[test]

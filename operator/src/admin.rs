@@ -1,11 +1,8 @@
 //! The operator's admin HTTP port: `/healthz`, `/readyz` and `/metrics`
-//! (Prometheus text exposition, written by hand: three metric families do
-//! not need a metrics framework).
+//! (OpenMetrics text from `prometheus-client`, as on the nodes).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,118 +10,102 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
 /// Upper bounds (seconds) of the reconcile duration histogram's buckets.
 const BUCKETS: [f64; 9] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-#[derive(Debug, Default)]
-struct Histogram {
-    /// Cumulative-free counts per bucket; the last slot is `+Inf`.
-    counts: [u64; BUCKETS.len() + 1],
-    sum: f64,
-    count: u64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
 }
 
 /// Counters the reconciler updates and `/metrics` prints.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    reconciles: AtomicU64,
-    failures: Mutex<BTreeMap<String, u64>>,
-    duration: Mutex<Histogram>,
-    leader: AtomicBool,
+    registry: Registry,
+    reconciles: Counter,
+    failures: Family<Reason, Counter>,
+    duration: Histogram,
+    leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("cavi_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<Reason, Counter>::default();
+        let duration = Histogram::new(BUCKETS);
+        let leader = Gauge::default();
+        registry.register("reconciles", "Reconciliations run", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Failed reconciliations, by reason",
+            failures.clone(),
+        );
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Time spent in one reconciliation",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register(
+            "leader",
+            "Whether this replica holds the leader lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            leader,
+        }
+    }
 }
 
 impl Metrics {
     /// Records one reconcile: its duration and, if it failed, why.
     pub fn observe(&self, elapsed: Duration, failure: Option<&str>) {
-        self.reconciles.fetch_add(1, Ordering::Relaxed);
+        self.reconciles.inc();
         if let Some(reason) = failure {
-            let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-            *failures.entry(reason.to_owned()).or_default() += 1;
+            self.failures
+                .get_or_create(&Reason {
+                    reason: reason.to_owned(),
+                })
+                .inc();
         }
-        let secs = elapsed.as_secs_f64();
-        let mut h = self.duration.lock().unwrap_or_else(PoisonError::into_inner);
-        let slot = BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len());
-        h.counts[slot] += 1;
-        h.sum += secs;
-        h.count += 1;
+        self.duration.observe(elapsed.as_secs_f64());
     }
 
     pub fn set_leader(&self, leader: bool) {
-        self.leader.store(leader, Ordering::Relaxed);
+        self.leader.set(i64::from(leader));
     }
 
     pub fn reconciles(&self) -> u64 {
-        self.reconciles.load(Ordering::Relaxed)
+        self.reconciles.get()
     }
 
     pub fn failures(&self, reason: &str) -> u64 {
         self.failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(reason)
-            .copied()
+            .get(&Reason {
+                reason: reason.to_owned(),
+            })
+            .map(|c| c.get())
             .unwrap_or(0)
     }
 
-    /// The Prometheus text exposition format (version 0.0.4).
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = writeln!(
-            out,
-            "# HELP cavi_operator_reconciles_total Reconciliations run.\n\
-             # TYPE cavi_operator_reconciles_total counter\n\
-             cavi_operator_reconciles_total {}",
-            self.reconciles()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cavi_operator_reconcile_failures_total Failed reconciliations, by reason.\n\
-             # TYPE cavi_operator_reconcile_failures_total counter"
-        );
-        for (reason, n) in self
-            .failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "cavi_operator_reconcile_failures_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP cavi_operator_reconcile_duration_seconds Time spent in one reconciliation.\n\
-             # TYPE cavi_operator_reconcile_duration_seconds histogram"
-        );
-        let h = self.duration.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut cumulative = 0;
-        for (bound, n) in BUCKETS.iter().zip(h.counts.iter()) {
-            cumulative += n;
-            let _ = writeln!(
-                out,
-                "cavi_operator_reconcile_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "cavi_operator_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {}\n\
-             cavi_operator_reconcile_duration_seconds_sum {}\n\
-             cavi_operator_reconcile_duration_seconds_count {}",
-            h.count, h.sum, h.count
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cavi_operator_leader Whether this replica holds the leader lease.\n\
-             # TYPE cavi_operator_leader gauge\n\
-             cavi_operator_leader {}",
-            u8::from(self.leader.load(Ordering::Relaxed))
-        );
+        let _ = encode(&mut out, &self.registry);
         out
     }
 }
@@ -155,7 +136,10 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }

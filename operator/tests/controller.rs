@@ -238,7 +238,7 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
         response.headers()["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("text/plain; version=0.0.4")
+            .starts_with("application/openmetrics-text")
     );
     let text = response.text().await.unwrap();
     for line in [
@@ -246,7 +246,7 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
         "cavi_operator_reconcile_failures_total{reason=\"InvalidLayout\"} 1",
         "cavi_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1",
         "cavi_operator_reconcile_duration_seconds_bucket{le=\"0.5\"} 1",
-        "cavi_operator_reconcile_duration_seconds_bucket{le=\"1\"} 2",
+        "cavi_operator_reconcile_duration_seconds_bucket{le=\"1.0\"} 2",
         "cavi_operator_reconcile_duration_seconds_bucket{le=\"+Inf\"} 2",
         "cavi_operator_reconcile_duration_seconds_count 2",
         "# TYPE cavi_operator_reconcile_duration_seconds histogram",

@@ -107,16 +107,19 @@ impl KeyRange {
     }
 }
 
+/// `"a"..="m"*` (the `*`: every key starting with the end), with open
+/// ends written as bare `(lowest)` / `(highest)` so they cannot be read as
+/// keys of those names.
 impl std::fmt::Display for KeyRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let start = if self.start.is_empty() {
-            "(lowest)"
+        if self.start.is_empty() {
+            write!(f, "(lowest)")?;
         } else {
-            &self.start
-        };
+            write!(f, "{:?}", self.start)?;
+        }
         match &self.end {
-            Some(end) => write!(f, "{start:?}..={end:?}*"),
-            None => write!(f, "{start:?}..(highest)"),
+            Some(end) => write!(f, "..={end:?}*"),
+            None => write!(f, "..(highest)"),
         }
     }
 }
@@ -218,6 +221,14 @@ mod tests {
         let mid = r("mango", Some("p"));
         assert!(mid.may_hold_prefix("m"));
         assert!(!mid.may_hold_prefix("mam"));
+    }
+
+    #[test]
+    fn display_marks_open_ends_without_quotes() {
+        assert_eq!(r("a", Some("m")).to_string(), r#""a"..="m"*"#);
+        assert_eq!(r("", Some("m")).to_string(), r#"(lowest)..="m"*"#);
+        assert_eq!(r("n", None).to_string(), r#""n"..(highest)"#);
+        assert_eq!(r("(lowest)", None).to_string(), r#""(lowest)"..(highest)"#);
     }
 
     #[test]

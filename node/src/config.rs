@@ -109,9 +109,10 @@ impl ClusterConfig {
         Self::from_yaml(&text)
     }
 
-    pub fn to_yaml(&self) -> String {
-        // Serializing plain strings and integers cannot fail.
-        serde_yaml::to_string(self).unwrap_or_default()
+    /// The config file's text, exactly what [`ClusterConfig::from_yaml`]
+    /// reads back.
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        Ok(serde_yaml::to_string(self)?)
     }
 
     /// The layout rules of the key space: at least one shard, unique ids,
@@ -226,7 +227,7 @@ shards:
     #[test]
     fn round_trips_through_yaml() {
         let c = ClusterConfig::from_yaml(SEED).expect("valid");
-        let again = ClusterConfig::from_yaml(&c.to_yaml()).expect("valid");
+        let again = ClusterConfig::from_yaml(&c.to_yaml().expect("serializes")).expect("valid");
         assert_eq!(c, again);
     }
 

@@ -116,7 +116,7 @@ async fn a_rendered_config_runs_a_three_node_cluster() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("config.yaml");
-    std::fs::write(&config_path, config.to_yaml()).unwrap();
+    std::fs::write(&config_path, config.to_yaml().unwrap()).unwrap();
 
     let mut nodes: Vec<Node> = config
         .shards
@@ -280,7 +280,7 @@ spec:
         shard.addr = format!("127.0.0.1:{}", free_port());
     }
     let root = tempfile::tempdir().unwrap();
-    std::fs::write(root.path().join("config.yaml"), config.to_yaml()).unwrap();
+    std::fs::write(root.path().join("config.yaml"), config.to_yaml().unwrap()).unwrap();
     let bases: Vec<String> = config
         .shards
         .iter()

@@ -60,6 +60,8 @@ pub const MANAGER: &str = "cavi-operator";
 pub enum BuildError {
     #[error("the CaviCluster has no metadata.name")]
     MissingName,
+    #[error("cannot write the node config: {0}")]
+    Config(#[from] cavi_node::config::ConfigError),
 }
 
 /// Names of the children of one cluster.
@@ -183,7 +185,7 @@ impl Children {
         let names = Names::new(cluster, namespace)?;
         let owner = cluster.controller_owner_ref(&());
         let config = cluster_config(&names, &cluster.spec);
-        let config_yaml = config.to_yaml();
+        let config_yaml = config.to_yaml()?;
         Ok(Self {
             config_map: config_map(&names, owner.clone(), &config_yaml),
             headless_service: headless_service(&names, owner.clone(), &cluster.spec),

@@ -11,6 +11,7 @@ use axum::response::Response;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::config::ShardConfig;
+use crate::search::{Scope, SearchParams};
 use crate::store::Entry;
 
 /// Marks a request as proxied by another shard; the value is the sender's
@@ -160,14 +161,13 @@ impl PeerClient {
         limit: Option<usize>,
         request_id: Option<&HeaderValue>,
     ) -> Result<Vec<Entry>, PeerError> {
-        let mut url = format!(
-            "http://{}/search?scope=local&prefix={}",
-            shard.addr,
-            utf8_percent_encode(prefix, URL_ESCAPE)
-        );
-        if let Some(limit) = limit {
-            url.push_str(&format!("&limit={limit}"));
-        }
+        let params = SearchParams {
+            prefix: prefix.to_owned(),
+            scope: Scope::Local,
+            limit,
+            partial: false,
+        };
+        let url = format!("http://{}/search?{}", shard.addr, params.to_query());
         let answer = self
             .hop(self.http.get(url), request_id)
             .send()

@@ -3,12 +3,13 @@
 //! fails the search unless the caller accepted a partial answer, which is
 //! then marked as such; never a silent partial result.
 
+use percent_encoding::utf8_percent_encode;
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
 use crate::dispatch::{Node, storage};
 use crate::error::ApiError;
-use crate::peers::{Caller, PeerError};
+use crate::peers::{Caller, PeerError, URL_ESCAPE};
 use crate::store::Entry;
 
 /// Query parameters of `GET /search`.
@@ -27,6 +28,25 @@ pub struct SearchParams {
     /// Accept an answer with some shards missing (named in a header).
     #[serde(default)]
     pub partial: bool,
+}
+
+impl SearchParams {
+    /// The query string that asks for these parameters: the one writer of
+    /// what the `Deserialize` above reads, for nodes and the client alike.
+    /// Defaults are left out.
+    pub fn to_query(&self) -> String {
+        let mut query = format!("prefix={}", utf8_percent_encode(&self.prefix, URL_ESCAPE));
+        if self.scope == Scope::Local {
+            query.push_str("&scope=local");
+        }
+        if let Some(limit) = self.limit {
+            query.push_str(&format!("&limit={limit}"));
+        }
+        if self.partial {
+            query.push_str("&partial=true");
+        }
+        query
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -120,5 +140,37 @@ impl Node {
             entries,
             missing: failures.into_iter().map(|(id, _)| id).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_query_reads_back_as_the_same_parameters() {
+        let params = SearchParams {
+            prefix: "a+b&c=d/é".into(),
+            scope: Scope::Local,
+            limit: Some(7),
+            partial: true,
+        };
+        let query = params.to_query();
+        assert_eq!(
+            query,
+            "prefix=a%2Bb%26c%3Dd%2F%C3%A9&scope=local&limit=7&partial=true"
+        );
+        let back: SearchParams = parse_query(&query);
+        assert_eq!(back.prefix, params.prefix);
+        assert_eq!(back.scope, Scope::Local);
+        assert_eq!(back.limit, Some(7));
+        assert!(back.partial);
+        assert_eq!(SearchParams::default().to_query(), "prefix=");
+    }
+
+    /// Parses a query the way the router's `Query` extractor does.
+    fn parse_query(query: &str) -> SearchParams {
+        let uri: axum::http::Uri = format!("/search?{query}").parse().expect("uri");
+        axum::extract::Query::try_from_uri(&uri).expect("parses").0
     }
 }

@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::api::{ClusterView, PARTIAL_HEADER};
 use crate::error::ErrorBody;
 use crate::peers::{URL_ESCAPE, transport_cause};
+use crate::search::SearchParams;
 
 pub use error::{ClientError, EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE};
 
@@ -132,17 +133,13 @@ impl Client {
         limit: Option<usize>,
         partial: bool,
     ) -> Result<SearchAnswer, ClientError> {
-        let mut url = format!(
-            "{}/search?prefix={}",
-            self.base,
-            utf8_percent_encode(prefix, URL_ESCAPE)
-        );
-        if let Some(limit) = limit {
-            url.push_str(&format!("&limit={limit}"));
-        }
-        if partial {
-            url.push_str("&partial=true");
-        }
+        let params = SearchParams {
+            prefix: prefix.to_owned(),
+            limit,
+            partial,
+            ..SearchParams::default()
+        };
+        let url = format!("{}/search?{}", self.base, params.to_query());
         let (headers, body) = self.send(self.http.get(url)).await?;
         let missing = headers
             .get(PARTIAL_HEADER)

@@ -4,6 +4,8 @@
 //! a StatefulSet-style hostname, forward to each other and fan out search.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use cavi_node::config::ClusterConfig;
 use cavi_operator::build::{CONFIG_KEY, Children};
 use cavi_operator::crd::CaviCluster;
+use common::free_port;
 use serde_json::{Value, json};
 
 /// `target/<profile>/kvstore-api`, next to this test's `deps/` directory.
@@ -30,15 +33,6 @@ fn node_binary() -> PathBuf {
     bin
 }
 
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A node process, killed when dropped.
 struct Node {
     child: Child,
@@ -54,6 +48,28 @@ impl Drop for Node {
 }
 
 impl Node {
+    /// Starts `kvstore-api` with `args` as the pod `hostname` would, with
+    /// none of the node's environment variables leaking in from the test.
+    fn spawn(binary: &Path, args: &[String], hostname: &str, log: &Path, base: String) -> Node {
+        let child = Command::new(binary)
+            .args(args)
+            .env("HOSTNAME", hostname)
+            .env_remove("CAVI_LISTEN")
+            .env_remove("CAVI_SHARD")
+            .env_remove("CAVI_CONFIG")
+            .env_remove("CAVI_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Node {
+            child,
+            base,
+            log: log.to_owned(),
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -123,25 +139,17 @@ async fn a_rendered_config_runs_a_three_node_cluster() {
         .iter()
         .enumerate()
         .map(|(i, shard)| {
-            let log = dir.path().join(format!("demo-{i}.log"));
-            let child = Command::new(&binary)
-                .arg("from-hostname")
-                .arg(&config_path)
-                .env("HOSTNAME", format!("demo-{i}"))
-                .env_remove("CAVI_LISTEN")
-                .env_remove("CAVI_SHARD")
-                .env_remove("CAVI_CONFIG")
-                .env_remove("CAVI_DATA_DIR")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            Node {
-                child,
-                base: format!("http://{}", shard.addr),
-                log,
-            }
+            let args = vec![
+                "from-hostname".to_owned(),
+                config_path.display().to_string(),
+            ];
+            Node::spawn(
+                &binary,
+                &args,
+                &format!("demo-{i}"),
+                &dir.path().join(format!("demo-{i}.log")),
+                format!("http://{}", shard.addr),
+            )
         })
         .collect();
 
@@ -221,20 +229,7 @@ fn start_pod(binary: &Path, argv: &[String], pod: &str, root: &Path, base: Strin
             other => other.to_owned(),
         })
         .collect();
-    let log = root.join(format!("{pod}.log"));
-    let child = Command::new(binary)
-        .args(&args)
-        .env("HOSTNAME", pod)
-        .env_remove("CAVI_LISTEN")
-        .env_remove("CAVI_SHARD")
-        .env_remove("CAVI_CONFIG")
-        .env_remove("CAVI_DATA_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Node { child, base, log }
+    Node::spawn(binary, &args, pod, &root.join(format!("{pod}.log")), base)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,8 @@
 //! `/metrics`, and on SIGTERM stops and gives the lease up.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use common::free_port;
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone)]
@@ -136,14 +139,6 @@ async fn api(State(fake): State<Fake>, request: Request) -> Response {
         }
         _ => not_found(),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@
 
 pub mod api;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod error;
@@ -17,3 +16,5 @@ pub mod search;
 pub mod server;
 pub mod settings;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;

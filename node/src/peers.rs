@@ -211,7 +211,7 @@ impl PeerClient {
 
 /// The innermost cause of a transport error, in words: for a refused
 /// connection `connection refused`, not reqwest's chain of wrappers.
-pub(crate) fn transport_cause(e: &reqwest::Error) -> String {
+pub fn transport_cause(e: &reqwest::Error) -> String {
     let mut cause: &dyn std::error::Error = e;
     while let Some(next) = cause.source() {
         if let Some(io) = next.downcast_ref::<std::io::Error>() {

@@ -3,7 +3,7 @@
 //! graceful shutdown on SIGTERM.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cavi_node::testkit as common;
 
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};

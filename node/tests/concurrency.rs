@@ -2,7 +2,7 @@
 //! readable afterwards with its last acknowledged value.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cavi_node::testkit as common;
 
 use std::collections::BTreeMap;
 

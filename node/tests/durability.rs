@@ -3,7 +3,7 @@
 //! data directory of another range is refused.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cavi_node::testkit as common;
 
 use std::collections::HashMap;
 use std::path::Path;

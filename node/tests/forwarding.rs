@@ -2,7 +2,7 @@
 //! bounded failure when a peer is dead or hung.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cavi_node::testkit as common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The seed's wire format and the JSON errors, against real nodes.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cavi_node::testkit as common;
 
 use common::{Cluster, Member, SEED, fast_settings};
 use reqwest::StatusCode;

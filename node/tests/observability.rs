@@ -1,7 +1,7 @@
 //! Metrics, request ids across hops, and structured logs.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cavi_node::testkit as common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -2,7 +2,7 @@
 //! silently partial.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cavi_node::testkit as common;
 
 use std::time::{Duration, Instant};
 

@@ -1,15 +1,4 @@
-//! The `cavi` command-line client: a typed HTTP client for a node's API
-//! ([`Client`]), the commands built on it, and their output.
-//!
-//! The binary `src/bin/cavi.rs` only parses arguments, calls
-//! [`command::run`] and turns a [`ClientError`] into `cavi: <sentence>` and
-//! an exit code.
-
-pub mod cluster;
-pub mod command;
-mod error;
-pub mod load;
-pub mod table;
+//! A typed HTTP client for one node's API: keys, search, the shard map.
 
 use std::time::Duration;
 
@@ -18,19 +7,19 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde::Serialize;
 
-use crate::api::{ClusterView, PARTIAL_HEADER};
-use crate::error::ErrorBody;
-use crate::peers::{URL_ESCAPE, transport_cause};
-use crate::search::SearchParams;
+use cavi_node::api::{ClusterView, PARTIAL_HEADER};
+use cavi_node::error::ErrorBody;
+use cavi_node::peers::{URL_ESCAPE, transport_cause};
+use cavi_node::search::SearchParams;
 
-pub use error::{ClientError, EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE};
+use crate::error::ClientError;
 
 /// Where `cavi` looks for a node when neither `--endpoint` nor
 /// `CAVI_ENDPOINT` says otherwise: the first shard of the local quick start.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:3100";
 
 /// One stored pair, as `/search` lists them: the node's own type.
-pub use crate::store::Entry;
+pub use cavi_node::store::Entry;
 
 /// The answer to a search.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,6 +278,7 @@ pub fn seconds(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::EXIT_USAGE;
 
     fn client() -> Client {
         Client::new("127.0.0.1:3100/", Duration::from_secs(1)).expect("a client")

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use super::cluster::{self, PROBE_TIMEOUT};
-use super::load::{self, DEFAULT_CONCURRENCY, Format, Progress, Records};
-use super::table::Table;
-use super::{Client, ClientError, DEFAULT_ENDPOINT};
-use crate::cli::parse_duration;
+use crate::cluster::{self, PROBE_TIMEOUT};
+use crate::load::{self, DEFAULT_CONCURRENCY, Format, Progress, Records};
+use crate::table::Table;
+use crate::{Client, ClientError, DEFAULT_ENDPOINT};
+use cavi_node::settings::parse_duration;
 
 #[derive(Debug, Parser)]
 #[command(

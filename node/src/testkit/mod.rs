@@ -1,7 +1,9 @@
-//! Test harness: real nodes on `127.0.0.1:0` listeners inside the test
-//! process, plus peers that are dead (refuse connections) or hung (accept
-//! and never answer), and a small HTTP client speaking the wire format.
-#![allow(dead_code, clippy::unwrap_used)]
+//! Test harness (feature `testkit`, for this workspace's tests only): real
+//! nodes on `127.0.0.1:0` listeners inside the test process, peers that are
+//! dead (refuse connections) or hung (accept and never answer), real
+//! `kvstore-api` processes, and a small HTTP client speaking the wire
+//! format. Panics are its error handling: it runs inside tests.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod process;
 
@@ -9,11 +11,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cavi_node::config::{ClusterConfig, ShardConfig};
-use cavi_node::dispatch::Node;
-use cavi_node::server::serve;
-use cavi_node::settings::Settings;
-use cavi_node::store::MemoryStore;
+use crate::config::{ClusterConfig, ShardConfig};
+use crate::dispatch::Node;
+use crate::server::serve;
+use crate::settings::Settings;
+use crate::store::MemoryStore;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -240,6 +242,12 @@ impl Answer {
 #[derive(Clone)]
 pub struct Client {
     pub http: reqwest::Client,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Client {

@@ -3,13 +3,11 @@
 //! through `cavi`.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Member, SEED, bind, fast_settings};
+use cavi_node::testkit::{Cluster, Member, SEED, bind, fast_settings};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;

@@ -9,7 +9,19 @@ use reqwest::StatusCode;
 
 use super::Client;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kvstore-api");
+/// `target/<profile>/kvstore-api`: the binary of this workspace's build,
+/// found next to the running test's `deps/` directory (cargo builds every
+/// binary of the workspace before it runs the tests).
+pub fn node_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let profile = if deps.ends_with("deps") {
+        deps.parent().unwrap()
+    } else {
+        deps
+    };
+    profile.join(format!("kvstore-api{}", std::env::consts::EXE_SUFFIX))
+}
 
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -30,7 +42,7 @@ impl Drop for Proc {
 }
 
 pub fn start(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(node_binary());
     cmd.args(args)
         .env_remove("HOSTNAME")
         // Quiet: stderr is a pipe read only at exit.

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{Client, ClientError};
+use crate::{Client, ClientError};
 
 /// Default number of PUT requests in flight.
 pub const DEFAULT_CONCURRENCY: u16 = 32;

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::table::{Table, range_label};
-use super::{Client, ClientError};
-use crate::config::ShardConfig;
+use crate::table::{Table, range_label};
+use crate::{Client, ClientError};
+use cavi_node::config::ShardConfig;
 
 /// How long each shard has to answer its two probes.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -7,10 +7,9 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde::Serialize;
 
-use cavi_node::api::{ClusterView, PARTIAL_HEADER};
-use cavi_node::error::ErrorBody;
-use cavi_node::peers::{URL_ESCAPE, transport_cause};
+use cavi_node::peers::transport_cause;
 use cavi_node::search::SearchParams;
+use cavi_node::wire::{ClusterView, ErrorBody, PARTIAL_HEADER, URL_ESCAPE};
 
 use crate::error::ClientError;
 
@@ -189,7 +188,7 @@ impl Client {
 
     fn server_error(&self, status: StatusCode, body: &[u8]) -> ClientError {
         match serde_json::from_slice::<ErrorBody>(body) {
-            Ok(ErrorBody { error, code }) => ClientError::Server {
+            Ok(ErrorBody { error, code, .. }) => ClientError::Server {
                 status: status.as_u16(),
                 code,
                 sentence: error,

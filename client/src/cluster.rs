@@ -53,7 +53,7 @@ pub struct ShardStatus {
     pub shard: ShardConfig,
     pub health: Health,
     /// The shard's own key count; `None` when it did not say.
-    pub keys: Option<usize>,
+    pub keys: Option<u64>,
 }
 
 /// The JSON form of one row.
@@ -67,7 +67,7 @@ struct ShardJson<'a> {
     health: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
-    keys: Option<usize>,
+    keys: Option<u64>,
 }
 
 /// The shard map as `client`'s node sees it, each shard probed directly.
@@ -178,7 +178,7 @@ pub fn notes(statuses: &[ShardStatus]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn status(id: u32, end: Option<&str>, health: Health, keys: Option<usize>) -> ShardStatus {
+    fn status(id: u32, end: Option<&str>, health: Health, keys: Option<u64>) -> ShardStatus {
         ShardStatus {
             shard: ShardConfig {
                 id,

@@ -1,8 +1,8 @@
 //! Command line of `kvstore-api`: the seed's `<SHARD_ID> <CONFIG>` plus
 //! flags (each with an env var) for Kubernetes and for the limits.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +11,13 @@ use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::boot;
 use crate::config::ClusterConfig;
-use crate::dispatch::Node;
-use crate::server::{serve, shutdown_signal};
+use crate::node::Node;
+use crate::server::{ServeOptions, Signal, serve, shutdown_signal};
 use crate::settings::{Settings, parse_duration};
-use crate::store::{DiskOptions, DiskStore, MemoryStore, Store};
+use crate::shard_map::ShardMap;
+use crate::store::{DiskOptions, DiskStore, Faults, MemoryStore, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,16 +28,20 @@ use crate::store::{DiskOptions, DiskStore, MemoryStore, Store};
 pub struct Args {
     /// Which shard to serve: its id, `all` (every shard of the config in
     /// this one process, for a laptop), or `from-hostname` (the trailing
-    /// ordinal of the host name, `demo-2` → 2, for StatefulSet pods).
+    /// ordinal of the host name, `demo-2` → 2, for StatefulSet pods). An id
+    /// the config does not list starts a node that owns nothing and
+    /// forwards every key, until a range moves to it.
     #[arg(env = "CAVI_SHARD")]
     pub shard: ShardSelector,
 
-    /// Path of the cluster config file (YAML).
+    /// Path of the cluster config file (YAML): the bootstrap layout.
     #[arg(env = "CAVI_CONFIG")]
     pub config: PathBuf,
 
     /// Address to listen on. Default: the shard's `addr` when it is an IP,
-    /// `0.0.0.0:<port>` when it is a DNS name.
+    /// `0.0.0.0:<port>` when it is a DNS name. Required for a shard the
+    /// config does not list (except with `from-hostname`, which takes the
+    /// config's port on all interfaces).
     #[arg(long, env = "CAVI_LISTEN")]
     pub listen: Option<SocketAddr>,
 
@@ -57,13 +63,46 @@ pub struct Args {
     #[arg(long, env = "CAVI_PEER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub peer_connect_timeout: Duration,
 
-    /// Time a peer shard has to answer a forwarded request or a search.
+    /// Time a peer shard has to answer a forwarded request or a search page.
     #[arg(long, env = "CAVI_PEER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub peer_timeout: Duration,
 
     /// Time any request may take on this node, end to end.
     #[arg(long, env = "CAVI_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+
+    /// Most client connections open at once (lowered to fit the open-file
+    /// limit). At the cap, idle connections are closed to make room.
+    #[arg(long, env = "CAVI_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Longest wait for a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[arg(long, env = "CAVI_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// On SIGTERM, how long the node keeps serving with /readyz at 503 so
+    /// endpoints and load balancers stop sending to it (Ctrl-C skips it).
+    #[arg(long, env = "CAVI_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Then, how long requests in flight get to finish.
+    #[arg(long, env = "CAVI_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Longest a range move holds requests for its range while its last
+    /// writes reach the new owner.
+    #[arg(long, env = "CAVI_FENCE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub fence_timeout: Duration,
+
+    /// Most writes waiting for the disk (durable storage); when full,
+    /// writers wait up to the request timeout, then get 503 overloaded.
+    #[arg(long, env = "CAVI_MAX_QUEUED_WRITES", default_value_t = 16 * 1024)]
+    pub max_queued_writes: usize,
+
+    /// Most key and value bytes waiting for the disk.
+    #[arg(long, env = "CAVI_MAX_QUEUED_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_queued_bytes: usize,
 
     /// Log format.
     #[arg(long, env = "CAVI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -122,6 +161,17 @@ impl Args {
             peer_connect_timeout: self.peer_connect_timeout,
             peer_request_timeout: self.peer_timeout,
             request_timeout: self.request_timeout,
+            fence_timeout: self.fence_timeout,
+            ..Settings::default()
+        }
+    }
+
+    pub fn serve_options(&self) -> ServeOptions {
+        ServeOptions {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            shutdown_delay: self.shutdown_delay,
+            drain_timeout: self.drain_timeout,
         }
     }
 
@@ -145,6 +195,28 @@ impl Args {
             }
         }
     }
+
+    /// Where shard `id` listens.
+    fn listen_addr(&self, config: &ClusterConfig, id: u32) -> Result<SocketAddr, String> {
+        if let Some(addr) = self.listen {
+            return Ok(addr);
+        }
+        if let Some(shard) = config.shard(id) {
+            return shard.default_listen_addr().map_err(|e| e.to_string());
+        }
+        let known: Vec<String> = config.shards.iter().map(|s| s.id.to_string()).collect();
+        match self.shard {
+            // A new pod of a StatefulSet: every pod uses the same port.
+            ShardSelector::FromHostname => {
+                let port = config.shards[0].port().map_err(|e| e.to_string())?;
+                Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+            }
+            _ => Err(format!(
+                "shard {id} is not in the config (it lists {}); to start it unassigned (owning no keys until a range moves to it), pass --listen ADDR",
+                known.join(", ")
+            )),
+        }
+    }
 }
 
 pub fn init_tracing(format: LogFormat) {
@@ -160,16 +232,64 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Opens the storage a shard is configured with. Blocking (disk recovery).
-fn open_store(data_dir: Option<&Path>, node: &Node) -> Result<Arc<dyn Store>, String> {
-    let Some(root) = data_dir else {
+/// Opens the storage of shard `id`. Blocking (disk recovery).
+fn open_store(args: &Args, id: u32) -> Result<Arc<dyn Store>, String> {
+    let Some(root) = &args.data_dir else {
         return Ok(Arc::new(MemoryStore::new()));
     };
-    let shard = node.shard();
-    let options = DiskOptions::new(root.join(format!("shard-{}", shard.id)));
-    let store = DiskStore::open(&options, shard.id, &shard.range()).map_err(|e| e.to_string())?;
-    tracing::info!(shard = shard.id, dir = %options.dir.display(), keys = store.len(), "storage open");
+    let mut options = DiskOptions::new(root.join(format!("shard-{id}")));
+    options.max_queued_writes = args.max_queued_writes;
+    options.max_queued_bytes = args.max_queued_bytes;
+    options.queue_timeout = args.request_timeout;
+    options.faults = Faults::from_env();
+    let store = DiskStore::open(&options).map_err(|e| e.to_string())?;
+    tracing::info!(shard = id, dir = %options.dir.display(), keys = store.len(), "storage open");
     Ok(Arc::new(store))
+}
+
+/// Brings a bound node up: storage, the map it serves (file, persisted,
+/// peers), its moves; then it serves keys.
+async fn start_node(
+    node: &Arc<Node>,
+    args: &Arc<Args>,
+    config: &ClusterConfig,
+) -> Result<(), String> {
+    let id = node.id();
+    let opening = args.clone();
+    let store = tokio::task::spawn_blocking(move || open_store(&opening, id))
+        .await
+        .map_err(|e| format!("opening storage failed: {e}"))??;
+    let persisted = match store.state() {
+        Some(state) => boot::load_persisted(state)?,
+        None => None,
+    };
+    let dir = args
+        .data_dir
+        .as_ref()
+        .map(|d| d.join(format!("shard-{id}")).display().to_string())
+        .unwrap_or_default();
+    let map = boot::choose_map(config, id, persisted.as_ref(), &dir)?;
+    node.attach_store(store);
+    // Recorded at once: the directory now says whose keys it holds.
+    if persisted.as_ref().map(|p| &p.map) != Some(&map) {
+        node.persist_map(&map, &[]).map_err(|e| e.to_string())?;
+    }
+    node.set_map(map);
+    boot::resume_moves(node).await?;
+    boot::catch_up(node, Duration::from_secs(1)).await;
+    node.set_started();
+    let map = node.map_snapshot();
+    if map.is_owner(id) {
+        let ranges: Vec<String> = map.ranges_of(id).map(|s| s.range().to_string()).collect();
+        tracing::info!(shard = id, epoch = map.epoch, ranges = %ranges.join(", "), "ready");
+    } else {
+        tracing::info!(
+            shard = id,
+            epoch = map.epoch,
+            "ready, unassigned: this shard owns no keys and forwards every key to its owner"
+        );
+    }
+    Ok(())
 }
 
 /// Loads the config, binds every shard this process serves, opens their
@@ -177,34 +297,39 @@ fn open_store(data_dir: Option<&Path>, node: &Node) -> Result<Arc<dyn Store>, St
 /// before storage opens, so `/healthz` answers during recovery and
 /// `/readyz` turns ready after it. Errors are sentences for the operator.
 pub async fn run(args: Args) -> Result<(), String> {
-    let config = Arc::new(ClusterConfig::load(&args.config).map_err(|e| e.to_string())?);
+    let config = ClusterConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let args = Arc::new(args);
     let settings = args.settings();
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(None::<Signal>);
     let mut servers = tokio::task::JoinSet::new();
     let mut starting = Vec::new();
     for id in args.shard_ids(&config)? {
         let node = Arc::new(
-            Node::starting(config.clone(), id, settings.clone()).map_err(|e| e.to_string())?,
-        );
-        let addr = match args.listen {
-            Some(addr) => addr,
-            None => node
-                .shard()
-                .default_listen_addr()
+            Node::starting(ShardMap::from_config(&config), id, settings.clone())
                 .map_err(|e| e.to_string())?,
-        };
+        );
+        let addr = args.listen_addr(&config, id)?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))?;
-        tracing::info!(shard = id, %addr, range = %node.shard().range(), "listening");
+        tracing::info!(shard = id, %addr, "listening");
         let mut stop = stop_rx.clone();
+        let mut options = args.serve_options();
         servers.spawn({
             let node = node.clone();
+            let stopping = node.clone();
+            let delay = options.shutdown_delay;
+            options.shutdown_delay = Duration::ZERO;
             async move {
                 let stopped = async move {
-                    let _ = stop.wait_for(|s| *s).await;
+                    let signal = stop.wait_for(Option::is_some).await.ok().and_then(|s| *s);
+                    // Ctrl-C is a person at a terminal: no need to wait
+                    // for load balancers.
+                    if signal == Some(Signal::Terminate) {
+                        node_not_ready_then_wait(&stopping, delay).await;
+                    }
                 };
-                serve(listener, node, stopped)
+                serve(listener, node.clone(), stopped, options)
                     .await
                     .map_err(|e| format!("shard {id}: {e}"))
             }
@@ -212,23 +337,29 @@ pub async fn run(args: Args) -> Result<(), String> {
         starting.push(node);
     }
     tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
+        let signal = shutdown_signal().await;
+        let _ = stop_tx.send(Some(signal));
     });
     for node in starting {
-        let dir = args.data_dir.clone();
-        let opening = node.clone();
-        let store = tokio::task::spawn_blocking(move || open_store(dir.as_deref(), &opening))
-            .await
-            .map_err(|e| format!("opening storage failed: {e}"))??;
-        node.attach_store(store);
-        tracing::info!(shard = node.shard().id, "ready");
+        start_node(&node, &args, &config).await?;
     }
     while let Some(done) = servers.join_next().await {
         done.map_err(|e| format!("server task failed: {e}"))??;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The first step of a SIGTERM: `/readyz` says 503 while requests are
+/// still served, for `delay`.
+async fn node_not_ready_then_wait(node: &Node, delay: Duration) {
+    node.mark_not_ready();
+    tracing::info!(
+        shard = node.id(),
+        ?delay,
+        "SIGTERM: not ready, still serving"
+    );
+    tokio::time::sleep(delay).await;
 }
 
 #[cfg(test)]

@@ -12,11 +12,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::keyspace::KeyRange;
 
-/// The whole shard map.
+/// The whole layout: one range per shard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// The live-map epoch this layout was written at (0 for a file written
+    /// by hand). A node whose persisted or peers' map is newer than the file
+    /// takes that map instead: the file is the bootstrap, not the truth.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     pub shards: Vec<ShardConfig>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One shard: who it is, where it listens, which keys it owns.
@@ -78,16 +87,62 @@ impl ShardConfig {
     }
 }
 
-fn split_addr(addr: &str) -> Result<(&str, u16), ConfigError> {
-    let invalid = || {
+/// Splits `HOST:PORT` and checks that a peer could dial it: the host is
+/// an IP that is not unspecified (`0.0.0.0`, `::`), in brackets for IPv6,
+/// or a DNS name; the port is not 0. A URL, a path or a bare port is not
+/// an address.
+pub fn split_addr(addr: &str) -> Result<(&str, u16), ConfigError> {
+    let invalid = |why: &str| {
         ConfigError::Invalid(format!(
-            "address {addr:?} is not HOST:PORT (for example 127.0.0.1:3100 or demo-0.demo-headless:3100)"
+            "address {addr:?} is not HOST:PORT ({why}; for example 127.0.0.1:3100 or demo-0.demo-headless:3100)"
         ))
     };
-    let (host, port) = addr.rsplit_once(':').ok_or_else(invalid)?;
-    let port = port.parse::<u16>().map_err(|_| invalid())?;
-    if host.is_empty() || port == 0 {
-        return Err(invalid());
+    if addr.contains("://") {
+        return Err(invalid("write it without a scheme such as http://"));
+    }
+    if addr.contains('/') {
+        return Err(invalid("it holds a path"));
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| invalid("no port"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid("the port is not a number in 1..=65535"))?;
+    if host.is_empty() {
+        return Err(invalid("no host"));
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let ip = inner
+            .strip_suffix(']')
+            .and_then(|v6| v6.parse::<std::net::Ipv6Addr>().ok())
+            .ok_or_else(|| invalid("the bracketed host is not an IPv6 address"))?;
+        if ip.is_unspecified() {
+            return Err(invalid(
+                "the unspecified address :: cannot be dialled by peers",
+            ));
+        }
+        return Ok((host, port));
+    }
+    if host.contains(':') {
+        return Err(invalid("an IPv6 address goes in brackets, like [::1]:3100"));
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        if ip.is_unspecified() {
+            return Err(invalid(
+                "the unspecified address 0.0.0.0 cannot be dialled by peers; name this node's own address and use --listen to bind all interfaces",
+            ));
+        }
+        return Ok((host, port));
+    }
+    let dns_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if host.len() > 253 || !host.trim_end_matches('.').split('.').all(dns_label) {
+        return Err(invalid("the host is neither an IP address nor a DNS name"));
     }
     Ok((host, port))
 }
@@ -225,6 +280,17 @@ shards:
     }
 
     #[test]
+    fn the_epoch_is_optional_and_written_only_when_set() {
+        let c = ClusterConfig::from_yaml(SEED).expect("valid");
+        assert_eq!(c.epoch, 0);
+        assert!(!c.to_yaml().expect("yaml").contains("epoch"));
+        let c = ClusterConfig { epoch: 7, ..c };
+        let text = c.to_yaml().expect("yaml");
+        assert!(text.starts_with("epoch: 7\n"), "{text}");
+        assert_eq!(ClusterConfig::from_yaml(&text).expect("valid").epoch, 7);
+    }
+
+    #[test]
     fn round_trips_through_yaml() {
         let c = ClusterConfig::from_yaml(SEED).expect("valid");
         let again = ClusterConfig::from_yaml(&c.to_yaml().expect("serializes")).expect("valid");
@@ -289,6 +355,32 @@ shards:
         assert!(err("shards:\n  - {id: 0, addr: 'h:1', range_end: c}\n  - {id: 0, addr: 'h:2', range_start: d}\n").contains("used twice"));
         assert!(err("shards:\n  - {id: 0, addr: 'nohost'}\n").contains("HOST:PORT"));
         assert!(err("shards:\n  - {id: 0, addr: 'h:99999'}\n").contains("HOST:PORT"));
+    }
+
+    #[test]
+    fn addresses_are_what_they_say() {
+        for (addr, why) in [
+            ("http://127.0.0.1:3906", "scheme"),
+            ("127.0.0.1:3906/kv", "path"),
+            ("0.0.0.0:3100", "unspecified"),
+            ("[::]:3100", "unspecified"),
+            ("::1:3100", "brackets"),
+            (":3100", "no host"),
+            ("h:0", "1..=65535"),
+            ("under score!:1", "neither"),
+        ] {
+            let e = err(&format!("shards:\n  - {{id: 4, addr: '{addr}'}}\n"));
+            assert!(e.contains("shard 4") && e.contains(why), "{addr}: {e}");
+        }
+        for good in [
+            "127.0.0.1:1",
+            "[::1]:3100",
+            "demo-0.demo-headless.ns.svc:3100",
+            "localhost:9",
+        ] {
+            ClusterConfig::from_yaml(&format!("shards:\n  - {{id: 0, addr: '{good}'}}\n"))
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
     }
 
     #[test]

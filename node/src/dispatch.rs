@@ -1,119 +1,21 @@
 //! The one place that decides "serve here or forward to the owner", between
 //! the HTTP handlers and the store / peer client.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use axum::Json;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use tokio::time::Instant;
 
-use crate::config::{ClusterConfig, ShardConfig};
 use crate::error::ApiError;
-use crate::metrics::{Metrics, status_label};
-use crate::peers::{Caller, KvOp, PeerClient};
-use crate::settings::Settings;
-use crate::store::{Store, StoreError};
-
-/// Everything a node serving one shard holds; shared by all requests.
-pub struct Node {
-    pub(crate) config: Arc<ClusterConfig>,
-    pub(crate) me: ShardConfig,
-    /// Set once storage is open; until then key requests and `/readyz`
-    /// answer 503, while `/healthz` already answers.
-    store: OnceLock<Arc<dyn Store>>,
-    pub(crate) peers: PeerClient,
-    pub(crate) settings: Settings,
-    pub(crate) metrics: Metrics,
-    ready: AtomicBool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error("shard {0} is not in the config (known shards: {1})")]
-    UnknownShard(u32, String),
-    #[error("cannot build the peer HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
-}
+use crate::metrics::status_label;
+use crate::moves::Admission;
+use crate::node::Node;
+use crate::peers::{Caller, KvOp};
+use crate::wire::Owner;
 
 impl Node {
-    /// A node with its storage already open.
-    pub fn new(
-        config: Arc<ClusterConfig>,
-        shard_id: u32,
-        store: Arc<dyn Store>,
-        settings: Settings,
-    ) -> Result<Self, NodeError> {
-        let node = Self::starting(config, shard_id, settings)?;
-        node.attach_store(store);
-        Ok(node)
-    }
-
-    /// A node whose storage is still being opened (recovery can take a
-    /// while); it can serve `/healthz` in the meantime.
-    pub fn starting(
-        config: Arc<ClusterConfig>,
-        shard_id: u32,
-        settings: Settings,
-    ) -> Result<Self, NodeError> {
-        let me = config.shard(shard_id).cloned().ok_or_else(|| {
-            let known: Vec<String> = config.shards.iter().map(|s| s.id.to_string()).collect();
-            NodeError::UnknownShard(shard_id, known.join(", "))
-        })?;
-        let peers = PeerClient::new(
-            shard_id,
-            settings.peer_connect_timeout,
-            settings.peer_request_timeout,
-        )?;
-        Ok(Self {
-            config,
-            me,
-            store: OnceLock::new(),
-            peers,
-            settings,
-            metrics: Metrics::new(),
-            ready: AtomicBool::new(true),
-        })
-    }
-
-    /// Makes the node ready to serve keys. Only the first call counts.
-    pub fn attach_store(&self, store: Arc<dyn Store>) {
-        let _ = self.store.set(store);
-    }
-
-    pub fn shard(&self) -> &ShardConfig {
-        &self.me
-    }
-
-    pub fn config(&self) -> &ClusterConfig {
-        &self.config
-    }
-
-    pub fn store(&self) -> Result<&dyn Store, ApiError> {
-        self.store
-            .get()
-            .map(|s| s.as_ref())
-            .ok_or(ApiError::NotReady("storage is still opening"))
-    }
-
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && self.store.get().is_some()
-    }
-
-    /// Called when shutdown starts, so `/readyz` turns load balancers away
-    /// while in-flight requests finish.
-    pub fn mark_not_ready(&self) {
-        self.ready.store(false, Ordering::Relaxed);
-    }
-
     /// Size limits on the key, enforced by the entry node before anything
     /// else happens.
     pub fn check_key(&self, key: &str) -> Result<(), ApiError> {
@@ -131,15 +33,17 @@ impl Node {
     }
 
     /// Serves a key operation here if this shard owns the key, otherwise
-    /// proxies it to the owner, unless it was already proxied once.
+    /// proxies it to the owner, unless it was already proxied once. An
+    /// owner that answers 421 with a newer map makes this node refresh its
+    /// map from it and try once more.
     pub async fn execute(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         op: KvOp,
         caller: &Caller,
     ) -> Result<Response, ApiError> {
         self.check_key(key)?;
-        if let KvOp::Put(value) = &op {
+        if let KvOp::Put { value, .. } = &op {
             let limit = self.settings.max_value_bytes;
             if value.len() > limit {
                 return Err(ApiError::ValueTooLarge {
@@ -148,56 +52,159 @@ impl Node {
                 });
             }
         }
-        if self.me.owns(key) {
-            return self.apply_local(key, op).await;
+        let deadline = Instant::now() + self.settings.request_timeout;
+        let mut refreshed = false;
+        loop {
+            let map = self.map();
+            let (owner_id, owner_addr, epoch) = match map.owner_of(key) {
+                Some(owner) => (owner.id, owner.addr.clone(), map.epoch),
+                None if caller.forwarded_by.is_some() => {
+                    return Err(self.misdirected(key, caller, None));
+                }
+                None => return Err(ApiError::KeyOutOfRange(key.to_owned())),
+            };
+            drop(map);
+            if owner_id == self.id() {
+                match self.outgoing.load_full() {
+                    Some(out) if out.span.contains(key.as_bytes()) && !out.phase().is_final() => {
+                        let admitted = out
+                            .admit(deadline)
+                            .await
+                            .map_err(|()| self.moving(key, deadline))?;
+                        match admitted {
+                            Admission::Serve(_running) => {
+                                if !matches!(op, KvOp::Get) {
+                                    out.throttle(deadline)
+                                        .await
+                                        .map_err(|()| self.moving(key, deadline))?;
+                                }
+                                return self.apply_local(key, op).await;
+                            }
+                            Admission::Reroute => continue,
+                        }
+                    }
+                    _ => return self.apply_local(key, op).await,
+                }
+            }
+            if caller.forwarded_by.is_some() {
+                return Err(self.misdirected(
+                    key,
+                    caller,
+                    Some(Owner {
+                        id: owner_id,
+                        addr: owner_addr,
+                    }),
+                ));
+            }
+            tracing::debug!(key, owner = owner_id, "forwarding");
+            let answer = self
+                .peers
+                .forward(&owner_addr, key, &op, epoch, caller.request_id.as_ref())
+                .await;
+            let outcome = match &answer {
+                Ok(response) => status_label(response.status().as_u16()),
+                Err(e) => e.code(),
+            };
+            self.metrics.record_peer(owner_id, "kv", outcome);
+            let response = answer.map_err(|source| ApiError::Peer {
+                shard: owner_id,
+                addr: owner_addr.clone(),
+                source,
+            })?;
+            if response.status() == StatusCode::MISDIRECTED_REQUEST && !refreshed {
+                refreshed = true;
+                if self.refresh_from(&owner_addr).await {
+                    continue;
+                }
+            }
+            return Ok(response);
         }
-        if let Some(by) = &caller.forwarded_by {
-            return Err(ApiError::Misdirected {
-                key: key.to_owned(),
-                me: self.me.id,
-                by: by.clone(),
-            });
+    }
+
+    fn misdirected(&self, key: &str, caller: &Caller, owner: Option<Owner>) -> ApiError {
+        ApiError::Misdirected {
+            key: key.to_owned(),
+            me: self.id(),
+            by: caller.forwarded_by.clone().unwrap_or_default(),
+            epoch: self.map().epoch,
+            owner,
         }
-        let owner = self
-            .config
-            .owner_of(key)
-            .ok_or_else(|| ApiError::KeyOutOfRange(key.to_owned()))?;
-        tracing::debug!(key, owner = owner.id, "forwarding");
-        let answer = self
-            .peers
-            .forward(owner, key, &op, caller.request_id.as_ref())
-            .await;
-        let outcome = match &answer {
-            Ok(response) => status_label(response.status().as_u16()),
-            Err(e) => e.code(),
-        };
-        self.metrics.record_peer(owner.id, "kv", outcome);
-        answer.map_err(|source| ApiError::Peer {
-            shard: owner.id,
-            addr: owner.addr.clone(),
-            source,
-        })
+    }
+
+    fn moving(&self, key: &str, deadline: Instant) -> ApiError {
+        ApiError::RangeMoving {
+            key: key.to_owned(),
+            waited: self
+                .settings
+                .request_timeout
+                .saturating_sub(deadline.saturating_duration_since(Instant::now())),
+        }
+    }
+
+    /// Takes the map of the node at `addr` if it is newer than ours;
+    /// whether ours changed.
+    pub async fn refresh_from(&self, addr: &str) -> bool {
+        match self.peers.map(addr).await {
+            Ok(map) => match self.install_map(map, false).await {
+                Ok(changed) => changed,
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "refused a peer's map");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot fetch a peer's map");
+                false
+            }
+        }
     }
 
     async fn apply_local(&self, key: &str, op: KvOp) -> Result<Response, ApiError> {
-        let store = self.store()?;
+        let store = self.serving_store()?;
         match op {
-            KvOp::Get => match store.get(key).map_err(storage)? {
-                Some(value) => Ok(Json(value).into_response()),
-                None => Err(ApiError::KeyNotFound(key.to_owned())),
-            },
-            KvOp::Put(value) => {
-                store.put(key, &value).await.map_err(storage)?;
+            KvOp::Get => {
+                let body = if store.reads_block() {
+                    let (store, key) = (store.clone(), key.to_owned());
+                    tokio::task::spawn_blocking(move || read_json(store.as_ref(), &key))
+                        .await
+                        .map_err(|e| ApiError::Internal(format!("read task failed: {e}")))??
+                } else {
+                    read_json(store.as_ref(), key)?
+                };
+                match body {
+                    Some(json) => Ok(json_response(json)),
+                    None => Err(ApiError::KeyNotFound(key.to_owned())),
+                }
+            }
+            KvOp::Put { value, .. } => {
+                store.put(key, &value).await?;
                 Ok(StatusCode::NO_CONTENT.into_response())
             }
             KvOp::Delete => {
-                store.delete(key).await.map_err(storage)?;
+                store.delete(key).await?;
                 Ok(StatusCode::NO_CONTENT.into_response())
             }
         }
     }
 }
 
-pub(crate) fn storage(e: StoreError) -> ApiError {
-    ApiError::Storage(e.0)
+/// The value of `key` as a JSON string, encoded straight from the engine.
+fn read_json(store: &dyn crate::store::Store, key: &str) -> Result<Option<Vec<u8>>, ApiError> {
+    let mut body = None;
+    store.read(key, &mut |value| {
+        let mut json = Vec::with_capacity(value.len() + 2);
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut json, value);
+        body = Some(json);
+    })?;
+    Ok(body)
+}
+
+fn json_response(json: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(json));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }

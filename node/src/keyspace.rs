@@ -11,7 +11,7 @@
 use std::cmp::Ordering;
 
 /// One shard's slice of the key space, as written in the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyRange {
     /// Lowest key owned, inclusive; empty means "from the lowest key".
     pub start: String,
@@ -98,12 +98,92 @@ impl KeyRange {
 
     /// Whether every key `self` owns is also owned by `other`.
     pub fn is_within(&self, other: &KeyRange) -> bool {
-        let upper_within = match (self.upper(), other.upper()) {
-            (_, None) => true,
-            (None, Some(_)) => false,
-            (Some(a), Some(b)) => a <= b,
+        Span::from(self).is_within(&Span::from(other))
+    }
+
+    /// The keys both ranges own, as a range in the config's notation (the
+    /// greater start, the end whose bound is lower); `None` when they share
+    /// no key.
+    pub fn intersect(&self, other: &KeyRange) -> Option<KeyRange> {
+        let start = self.start.clone().max(other.start.clone());
+        let end = match (&self.end, &other.end) {
+            (None, e) | (e, None) => e.clone(),
+            (Some(a), Some(b)) => {
+                if upper_le(&self.upper(), &other.upper()) {
+                    Some(a.clone())
+                } else {
+                    Some(b.clone())
+                }
+            }
         };
-        other.start <= self.start && upper_within
+        let range = KeyRange { start, end };
+        // Not `is_inverted`: a piece such as "ma"..="m"* (keys from "ma"
+        // that start with "m") is a real, non-empty range.
+        (!Span::from(&range).is_empty()).then_some(range)
+    }
+
+    /// Whether the keys of `next` follow those of `self` with no key
+    /// between them, so the two can be written as one range.
+    pub fn meets(&self, next: &KeyRange) -> bool {
+        self.upper().as_deref() == Some(next.start.as_bytes())
+    }
+}
+
+/// A slice of the key space as half-open byte bounds `[start, upper)`:
+/// the form in which ranges are intersected and compared. Every range of a
+/// layout is one; the pieces two layouts cut each other into are too.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span {
+    pub start: Vec<u8>,
+    /// Exclusive; `None` is "no upper bound".
+    pub upper: Upper,
+}
+
+impl Span {
+    pub fn contains(&self, key: &[u8]) -> bool {
+        self.start.as_slice() <= key && below(key, &self.upper)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !below(&self.start, &self.upper)
+    }
+
+    /// The keys both spans hold (possibly an empty span).
+    pub fn intersect(&self, other: &Span) -> Span {
+        Span {
+            start: self.start.clone().max(other.start.clone()),
+            upper: min_upper(&self.upper, &other.upper),
+        }
+    }
+
+    /// Whether every key of `self` is in `other`.
+    pub fn is_within(&self, other: &Span) -> bool {
+        self.is_empty() || (other.start <= self.start && upper_le(&self.upper, &other.upper))
+    }
+}
+
+fn min_upper(a: &Upper, b: &Upper) -> Upper {
+    match (a, b) {
+        (None, x) | (x, None) => x.clone(),
+        (Some(a), Some(b)) => Some(a.min(b).clone()),
+    }
+}
+
+/// `a <= b` for exclusive upper bounds, `None` being +infinity.
+pub fn upper_le(a: &Upper, b: &Upper) -> bool {
+    match (a, b) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(a), Some(b)) => a <= b,
+    }
+}
+
+impl From<&KeyRange> for Span {
+    fn from(range: &KeyRange) -> Self {
+        Span {
+            start: range.start.as_bytes().to_vec(),
+            upper: range.upper(),
+        }
     }
 }
 
@@ -221,6 +301,23 @@ mod tests {
         let mid = r("mango", Some("p"));
         assert!(mid.may_hold_prefix("m"));
         assert!(!mid.may_hold_prefix("mam"));
+    }
+
+    #[test]
+    fn intersections_stay_in_the_config_notation() {
+        let am = r("a", Some("m"));
+        assert_eq!(am.intersect(&r("g", Some("z"))), Some(r("g", Some("m"))));
+        assert_eq!(am.intersect(&r("", Some("f"))), Some(r("a", Some("f"))));
+        assert_eq!(am.intersect(&r("n", None)), None);
+        assert_eq!(r("", None).intersect(&am), Some(am.clone()));
+        // "m" (with every key under it) ends after "ma".
+        assert_eq!(am.intersect(&r("ma", None)), Some(r("ma", Some("m"))));
+        assert!(r("a", Some("f")).meets(&r("g", Some("m"))));
+        assert!(!r("a", Some("f")).meets(&r("h", Some("m"))));
+        assert!(!r("a", None).meets(&r("h", Some("m"))));
+        let s = Span::from(&am);
+        assert!(s.contains(b"mango") && !s.contains(b"n"));
+        assert!(s.intersect(&Span::from(&r("n", None))).is_empty());
     }
 
     #[test]

@@ -40,6 +40,17 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    role: &'static str,
+    phase: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -48,6 +59,12 @@ pub struct Metrics {
     fan_out: Histogram,
     keys: Gauge,
     bytes: Gauge,
+    epoch: Gauge,
+    moves: Family<OutcomeLabels, Counter>,
+    moved_keys: Counter,
+    moved_bytes: Counter,
+    fence: Histogram,
+    phase: Family<PhaseLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -65,6 +82,44 @@ impl Metrics {
         let fan_out = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0]);
         let keys = Gauge::default();
         let bytes = Gauge::default();
+        let epoch = Gauge::default();
+        let moves = Family::<OutcomeLabels, Counter>::default();
+        let moved_keys = Counter::default();
+        let moved_bytes = Counter::default();
+        let fence = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "shard_map_epoch",
+            "Epoch of the live shard map this node routes by",
+            epoch.clone(),
+        );
+        registry.register(
+            "moves",
+            "Range moves this node took part in as the source, by outcome (started, committed, aborted)",
+            moves.clone(),
+        );
+        registry.register(
+            "move_keys",
+            "Keys this node copied to another shard in range moves",
+            moved_keys.clone(),
+        );
+        registry.register_with_unit(
+            "move",
+            "Key and value bytes this node copied to another shard in range moves",
+            Unit::Bytes,
+            moved_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "move_fence_duration",
+            "How long a range move held requests for its range (fence to commit)",
+            Unit::Seconds,
+            fence.clone(),
+        );
+        registry.register(
+            "move_phase",
+            "Moves in progress on this node, by role (source, target) and phase",
+            phase.clone(),
+        );
         registry.register(
             "http_requests",
             "HTTP requests served, by method, route and status",
@@ -86,14 +141,10 @@ impl Metrics {
             "Shards asked by one cluster-wide search",
             fan_out.clone(),
         );
-        registry.register(
-            "stored_keys",
-            "Keys held by this shard (estimated on disk)",
-            keys.clone(),
-        );
+        registry.register("stored_keys", "Keys held by this shard", keys.clone());
         registry.register_with_unit(
             "stored",
-            "Bytes held by this shard: key and value bytes in memory, or the database size on disk",
+            "Key and value bytes held by this shard",
             Unit::Bytes,
             bytes.clone(),
         );
@@ -105,7 +156,32 @@ impl Metrics {
             fan_out,
             keys,
             bytes,
+            epoch,
+            moves,
+            moved_keys,
+            moved_bytes,
+            fence,
+            phase,
         }
+    }
+
+    pub fn move_started(&self) {
+        self.moves
+            .get_or_create(&OutcomeLabels { outcome: "started" })
+            .inc();
+    }
+
+    pub fn move_ended(&self, outcome: &'static str) {
+        self.moves.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn moved(&self, keys: u64, bytes: u64) {
+        self.moved_keys.inc_by(keys);
+        self.moved_bytes.inc_by(bytes);
+    }
+
+    pub fn fence(&self, took: Duration) {
+        self.fence.observe(took.as_secs_f64());
     }
 
     pub fn record_request(
@@ -141,10 +217,30 @@ impl Metrics {
         self.fan_out.observe(shards as f64);
     }
 
-    /// The exposition text, with the storage gauges read at scrape time.
-    pub fn render(&self, keys: usize, bytes: u64) -> String {
+    /// The exposition text, with the gauges read at scrape time.
+    pub fn render(
+        &self,
+        keys: u64,
+        bytes: u64,
+        epoch: u64,
+        moves: &[crate::moves::MoveStatus],
+    ) -> String {
         self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
         self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
+        self.phase.clear();
+        for m in moves.iter().filter(|m| !m.phase.is_final()) {
+            let role = match m.role {
+                crate::moves::Role::Source => "source",
+                crate::moves::Role::Target => "target",
+            };
+            self.phase
+                .get_or_create(&PhaseLabels {
+                    role,
+                    phase: m.phase.as_str(),
+                })
+                .inc();
+        }
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
@@ -183,7 +279,8 @@ mod tests {
         m.record_request("GET", "/kv/{*key}", 200, Duration::from_millis(3));
         m.record_peer(1, "kv", "peer_timeout");
         m.record_fan_out(2);
-        let text = m.render(7, 1234);
+        m.moved(3, 300);
+        let text = m.render(7, 1234, 5, &[]);
         for needle in [
             "cavi_http_requests_total{method=\"GET\",route=\"/kv/{*key}\",status=\"200\"} 1",
             "cavi_http_request_duration_seconds_bucket{le=\"0.0016\",method=\"GET\",route=\"/kv/{*key}\"} 0",
@@ -192,6 +289,9 @@ mod tests {
             "cavi_search_fan_out_shards_count 1",
             "cavi_stored_keys 7",
             "cavi_stored_bytes 1234",
+            "cavi_shard_map_epoch 5",
+            "cavi_move_keys_total 3",
+            "cavi_move_bytes_total 300",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -1,48 +1,36 @@
 //! The one client a node uses to talk to other shards: pooled keep-alive
 //! connections, a connect timeout and a request timeout, and the
-//! `x-cavi-forwarded` header on every request so a receiver never forwards
-//! it again.
+//! `x-cavi-forwarded` and `x-cavi-epoch` headers on every request, so a
+//! receiver never forwards it again and whoever is behind can tell.
 
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::utf8_percent_encode;
+use serde::de::DeserializeOwned;
 
-use crate::config::ShardConfig;
-use crate::search::{Scope, SearchParams};
-use crate::store::Entry;
+use crate::keyspace::KeyRange;
+use crate::moves::{Batch, CommitRequest, Outcome};
+use crate::settings::Settings;
+use crate::shard_map::ShardMap;
+use crate::store::Page;
+use crate::wire::{EPOCH_HEADER, ErrorBody, FORWARDED_HEADER, REQUEST_ID_HEADER, URL_ESCAPE};
 
-/// Marks a request as proxied by another shard; the value is the sender's
-/// shard id. A receiver that does not own the key answers 421 instead of
-/// forwarding, so nodes whose configs disagree cannot bounce a request.
-pub const FORWARDED_HEADER: &str = "x-cavi-forwarded";
-
-/// Names one request across every node it touches; taken from the client
-/// or made up by the first node, and passed along on every hop.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// Who sent a request: the shard that proxied it, if any, and its id.
+/// Who sent a request: the shard that proxied it (and its map epoch), and
+/// the request id.
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
     pub forwarded_by: Option<String>,
+    pub epoch: Option<u64>,
     pub request_id: Option<HeaderValue>,
 }
-
-/// Everything but unreserved characters is escaped, `/` and `+` included:
-/// a key is then one path segment, and a receiver decoding a query with
-/// form rules does not turn a bare `+` into a space.
-pub const URL_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 /// Why a peer did not give an answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
-    #[error("connection refused or reset ({0})")]
+    #[error("connection refused or reset ({0}); the shard may be restarting")]
     Unavailable(String),
     #[error("no connection within {0:?}")]
     ConnectTimeout(Duration),
@@ -50,14 +38,20 @@ pub enum PeerError {
     Timeout(Duration),
     #[error("bad answer: {0}")]
     BadResponse(String),
+    /// The peer answered with an error of its own.
+    #[error("{}", .1.error)]
+    Refused(StatusCode, Box<ErrorBody>),
 }
 
 impl PeerError {
     pub fn status(&self) -> StatusCode {
         match self {
-            PeerError::Unavailable(_) | PeerError::BadResponse(_) => StatusCode::BAD_GATEWAY,
-            PeerError::ConnectTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PeerError::Unavailable(_) | PeerError::ConnectTimeout(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            PeerError::BadResponse(_) => StatusCode::BAD_GATEWAY,
             PeerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            PeerError::Refused(status, _) => *status,
         }
     }
 
@@ -67,7 +61,23 @@ impl PeerError {
             PeerError::ConnectTimeout(_) => "peer_unreachable",
             PeerError::Timeout(_) => "peer_timeout",
             PeerError::BadResponse(_) => "peer_bad_response",
+            PeerError::Refused(..) => "peer_refused",
         }
+    }
+
+    /// A peer that refuses connections is restarting (a rollout, a crash):
+    /// worth a retry in a second.
+    pub fn retry_after(&self) -> Option<u32> {
+        matches!(
+            self,
+            PeerError::Unavailable(_) | PeerError::ConnectTimeout(_)
+        )
+        .then_some(1)
+    }
+
+    /// Whether the peer itself said no (so the request reached it).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, PeerError::Refused(..))
     }
 }
 
@@ -75,8 +85,30 @@ impl PeerError {
 #[derive(Debug, Clone)]
 pub enum KvOp {
     Get,
-    Put(String),
+    /// The value, and the request body it came in (passed on as it is).
+    Put {
+        value: String,
+        body: Bytes,
+    },
     Delete,
+}
+
+/// The answer to a page of a peer's search.
+#[derive(Debug)]
+pub enum PageAnswer {
+    Page(Page),
+    /// The peer does not own the span at its epoch.
+    Misdirected(u64),
+}
+
+/// One page of a search, asked of the shard that owns `range`.
+#[derive(Debug, Clone)]
+pub struct PageQuery<'a> {
+    pub range: &'a KeyRange,
+    pub prefix: &'a str,
+    pub after: Option<&'a str>,
+    pub limit: usize,
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -88,14 +120,10 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    pub fn new(
-        sender_shard: u32,
-        connect_timeout: Duration,
-        request_timeout: Duration,
-    ) -> Result<Self, reqwest::Error> {
+    pub fn new(sender_shard: u32, settings: &Settings) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .timeout(request_timeout)
+            .connect_timeout(settings.peer_connect_timeout)
+            .timeout(settings.peer_request_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .no_proxy()
@@ -103,93 +131,196 @@ impl PeerClient {
         Ok(Self {
             http,
             sender: HeaderValue::from(sender_shard),
-            connect_timeout,
-            request_timeout,
+            connect_timeout: settings.peer_connect_timeout,
+            request_timeout: settings.peer_request_timeout,
         })
     }
 
     /// Proxies a key operation to its owner and relays the owner's answer
-    /// (status, content type and body) unchanged.
+    /// (status, content type, epoch header and body) unchanged; a PUT's
+    /// body goes on as it came.
     ///
     /// The key travels in the query (`/kv?key=`), not the path: URL
     /// libraries rewrite the path segments `.` and `..` (even escaped), and
     /// both are valid keys.
     pub async fn forward(
         &self,
-        owner: &ShardConfig,
+        addr: &str,
         key: &str,
         op: &KvOp,
+        epoch: u64,
         request_id: Option<&HeaderValue>,
     ) -> Result<Response, PeerError> {
         let url = format!(
-            "http://{}/kv?key={}",
-            owner.addr,
+            "http://{addr}/kv?key={}",
             utf8_percent_encode(key, URL_ESCAPE)
         );
         let request = match op {
             KvOp::Get => self.http.get(url),
             KvOp::Delete => self.http.delete(url),
-            KvOp::Put(value) => {
-                let body = serde_json::json!({ "value": value }).to_string();
-                self.http
-                    .put(url)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(body)
-            }
+            KvOp::Put { body, .. } => self
+                .http
+                .put(url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.clone()),
         };
         let answer = self
-            .hop(request, request_id)
+            .hop(request, epoch, request_id)
             .send()
             .await
             .map_err(|e| self.classify(e))?;
         let status = answer.status();
         let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
+        let epoch = answer.headers().get(EPOCH_HEADER).cloned();
         let body = answer.bytes().await.map_err(|e| self.classify(e))?;
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
         if let Some(ct) = content_type {
             response.headers_mut().insert(header::CONTENT_TYPE, ct);
         }
+        if let Some(epoch) = epoch {
+            response.headers_mut().insert(EPOCH_HEADER, epoch);
+        }
         Ok(response)
     }
 
-    /// Asks `shard` for its own keys under `prefix`.
-    pub async fn search(
-        &self,
-        shard: &ShardConfig,
-        prefix: &str,
-        limit: Option<usize>,
-        request_id: Option<&HeaderValue>,
-    ) -> Result<Vec<Entry>, PeerError> {
-        let params = SearchParams {
-            prefix: prefix.to_owned(),
-            scope: Scope::Local,
-            limit,
-            partial: false,
-        };
-        let url = format!("http://{}/search?{}", shard.addr, params.to_query());
+    /// The live map of the node at `addr`.
+    pub async fn map(&self, addr: &str) -> Result<ShardMap, PeerError> {
         let answer = self
-            .hop(self.http.get(url), request_id)
+            .http
+            .get(format!("http://{addr}/internal/v1/map"))
+            .header(FORWARDED_HEADER, self.sender.clone())
             .send()
             .await
             .map_err(|e| self.classify(e))?;
+        let body = self.body(answer).await?;
+        ShardMap::from_json(&body).map_err(|e| PeerError::BadResponse(e.to_string()))
+    }
+
+    /// Asks the owner of `q.range` for a page of its keys.
+    pub async fn search_page(
+        &self,
+        addr: &str,
+        q: &PageQuery<'_>,
+        epoch: u64,
+        request_id: Option<&HeaderValue>,
+    ) -> Result<PageAnswer, PeerError> {
+        let mut url = format!(
+            "http://{addr}/internal/v1/search?range_start={}&prefix={}&limit={}&max_bytes={}",
+            utf8_percent_encode(&q.range.start, URL_ESCAPE),
+            utf8_percent_encode(q.prefix, URL_ESCAPE),
+            q.limit,
+            q.max_bytes,
+        );
+        if let Some(end) = &q.range.end {
+            url.push_str("&range_end=");
+            url.extend(utf8_percent_encode(end, URL_ESCAPE));
+        }
+        if let Some(after) = q.after {
+            url.push_str("&after=");
+            url.extend(utf8_percent_encode(after, URL_ESCAPE));
+        }
+        let answer = self
+            .hop(self.http.get(url), epoch, request_id)
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        if answer.status() == StatusCode::MISDIRECTED_REQUEST {
+            let theirs = answer
+                .headers()
+                .get(EPOCH_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            return Ok(PageAnswer::Misdirected(theirs));
+        }
+        let more = answer
+            .headers()
+            .contains_key(crate::wire::NEXT_CURSOR_HEADER);
+        let body = self.body(answer).await?;
+        let entries = serde_json::from_slice(&body)
+            .map_err(|e| PeerError::BadResponse(format!("search page is not a list: {e}")))?;
+        Ok(PageAnswer::Page(Page { entries, more }))
+    }
+
+    /// Sends one page of a move to its target.
+    pub async fn send_batch(&self, addr: &str, id: &str, batch: &Batch) -> Result<(), PeerError> {
+        self.post(addr, &format!("/internal/v1/incoming/{id}/batch"), batch)
+            .await
+            .map(drop)
+    }
+
+    /// Asks a move's target to commit.
+    pub async fn commit_target(
+        &self,
+        addr: &str,
+        id: &str,
+        req: &CommitRequest,
+    ) -> Result<(), PeerError> {
+        self.post(addr, &format!("/internal/v1/incoming/{id}/commit"), req)
+            .await
+            .map(drop)
+    }
+
+    /// Asks a move's target how the move ended.
+    pub async fn outcome(&self, addr: &str, id: &str) -> Result<Outcome, PeerError> {
+        let answer = self
+            .http
+            .get(format!("http://{addr}/internal/v1/incoming/{id}/outcome"))
+            .header(FORWARDED_HEADER, self.sender.clone())
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        let body = self.body(answer).await?;
+        serde_json::from_slice(&body).map_err(|e| PeerError::BadResponse(e.to_string()))
+    }
+
+    /// Tells a move's target the move is off.
+    pub async fn abort_target(&self, addr: &str, id: &str) -> Result<(), PeerError> {
+        self.post(addr, &format!("/internal/v1/incoming/{id}/abort"), &())
+            .await
+            .map(drop)
+    }
+
+    async fn post<T: serde::Serialize + ?Sized>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &T,
+    ) -> Result<Bytes, PeerError> {
+        let body = serde_json::to_vec(body).map_err(|e| PeerError::BadResponse(e.to_string()))?;
+        let answer = self
+            .http
+            .post(format!("http://{addr}{path}"))
+            .header(FORWARDED_HEADER, self.sender.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        self.body(answer).await
+    }
+
+    /// The body of a successful answer; an error answer as `Refused`.
+    async fn body(&self, answer: reqwest::Response) -> Result<Bytes, PeerError> {
         let status = answer.status();
         let body = answer.bytes().await.map_err(|e| self.classify(e))?;
-        if !status.is_success() {
-            let text = String::from_utf8_lossy(&body);
-            return Err(PeerError::BadResponse(format!("status {status}: {text}")));
+        if status.is_success() {
+            return Ok(body);
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| PeerError::BadResponse(format!("search result is not a list: {e}")))
+        Err(refusal(status, &body))
     }
 
     /// The headers every proxied request carries.
     fn hop(
         &self,
         request: reqwest::RequestBuilder,
+        epoch: u64,
         request_id: Option<&HeaderValue>,
     ) -> reqwest::RequestBuilder {
-        let request = request.header(FORWARDED_HEADER, self.sender.clone());
+        let request = request
+            .header(FORWARDED_HEADER, self.sender.clone())
+            .header(EPOCH_HEADER, HeaderValue::from(epoch));
         match request_id {
             Some(id) => request.header(REQUEST_ID_HEADER, id.clone()),
             None => request,
@@ -207,6 +338,25 @@ impl PeerClient {
             PeerError::BadResponse(transport_cause(&e))
         }
     }
+}
+
+/// An error answer as a [`PeerError::Refused`], keeping the peer's words.
+pub fn refusal(status: StatusCode, body: &[u8]) -> PeerError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(error) => PeerError::Refused(status, Box::new(error)),
+        Err(_) => PeerError::BadResponse(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(body)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        )),
+    }
+}
+
+/// Parses a JSON answer body.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, PeerError> {
+    serde_json::from_slice(body).map_err(|e| PeerError::BadResponse(e.to_string()))
 }
 
 /// The innermost cause of a transport error, in words: for a refused

@@ -1,37 +1,268 @@
 //! Running a node: the caller binds the socket (tests bind `127.0.0.1:0`
-//! and run many nodes in one process), `serve` runs it until shutdown.
+//! and run many nodes in one process), [`serve`] runs it until shutdown.
+//!
+//! Connections are served by hyper directly (not `axum::serve`, which has
+//! no timeouts or limits):
+//! - a header-read timeout: a connection that has not sent a complete
+//!   request head within it is closed. hyper runs the same timer from the
+//!   end of one response to the next head, so it is also the keep-alive
+//!   idle timeout;
+//! - a cap on open connections (never above what the process's open-file
+//!   limit allows). At the cap an idle or slow-header connection is closed
+//!   to make room, so they can never lock a fresh client out;
+//! - a drain on shutdown: `/readyz` turns 503 at once while requests keep
+//!   being served for `shutdown_delay` (long enough for load balancers and
+//!   endpoints to notice), then the listener closes, idle connections
+//!   close, requests in flight finish, and whatever is left after
+//!   `drain_timeout` is cut.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+use tower::Service;
 
 use crate::api;
-use crate::dispatch::Node;
+use crate::node::Node;
 
-/// Serves `node` on `listener` until `shutdown` resolves, then stops
-/// accepting, marks the node not ready and lets in-flight requests finish.
+/// Connection limits and shutdown timings, with the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Most connections open at once (lowered to fit the open-file limit).
+    pub max_connections: usize,
+    /// Longest wait for a request head, and for the next one on an idle
+    /// keep-alive connection.
+    pub header_read_timeout: Duration,
+    /// How long a stopping node keeps serving with `/readyz` at 503.
+    pub shutdown_delay: Duration,
+    /// How long requests in flight get to finish once the listener closed.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The open connections, so one can be asked to close.
+#[derive(Default)]
+struct Connections {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Conn>>,
+}
+
+#[derive(Clone)]
+struct Conn {
+    /// Requests being served on it now.
+    active: Arc<AtomicUsize>,
+    close: Arc<Notify>,
+}
+
+impl Connections {
+    fn add(&self) -> (u64, Conn) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let conn = Conn {
+            active: Arc::default(),
+            close: Arc::new(Notify::new()),
+        };
+        self.lock().insert(id, conn.clone());
+        (id, conn)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Asks the oldest connection with nothing in flight (idle, or still
+    /// sending its headers) to close; whether there was one.
+    fn evict_one(&self) -> bool {
+        let open = self.lock();
+        let victim = open
+            .iter()
+            .filter(|(_, c)| c.active.load(Ordering::Relaxed) == 0)
+            .min_by_key(|(id, _)| **id);
+        match victim {
+            Some((_, c)) => {
+                c.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The soft open-file limit of this process, where the system says it.
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `wanted`, lowered so connections leave room for the node's other files
+/// (peer connections, storage) within the open-file limit.
+pub fn connection_cap(wanted: usize) -> usize {
+    match open_file_limit() {
+        Some(files) => wanted
+            .min((files / 2).max(files.saturating_sub(256)))
+            .max(1),
+        None => wanted.max(1),
+    }
+}
+
+/// Serves `node` on `listener` until `shutdown` resolves, then drains as
+/// the module describes.
 pub async fn serve(
     listener: TcpListener,
     node: Arc<Node>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    options: ServeOptions,
 ) -> std::io::Result<()> {
     let app = api::router(node.clone());
-    let drain = async move {
+    let cap = connection_cap(options.max_connections);
+    let slots = Arc::new(Semaphore::new(cap));
+    let connections = Arc::new(Connections::default());
+    let (closing_tx, closing) = watch::channel(false);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .keep_alive(true)
+        .max_buf_size(256 * 1024);
+
+    let stop = async {
         shutdown.await;
         node.mark_not_ready();
         tracing::info!(
-            shard = node.shard().id,
-            "shutting down: draining in-flight requests"
+            shard = node.id(),
+            delay = ?options.shutdown_delay,
+            "shutting down: not ready, still serving"
         );
+        tokio::time::sleep(options.shutdown_delay).await;
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(drain)
-        .await
+    tokio::pin!(stop);
+
+    loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                connections.evict_one();
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    () = &mut stop => break,
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, not die.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (id, conn) = connections.add();
+        let service = {
+            let app: Router = app.clone();
+            let active = conn.active.clone();
+            hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let mut app = app.clone();
+                active.fetch_add(1, Ordering::Relaxed);
+                let active = active.clone();
+                async move {
+                    let response = app.call(req).await;
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    response
+                }
+            })
+        };
+        let served = http.serve_connection(TokioIo::new(stream), service);
+        let mut closing = closing.clone();
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            let _slot = permit;
+            tokio::pin!(served);
+            let ended = tokio::select! {
+                ended = served.as_mut() => Some(ended),
+                () = conn.close.notified() => None,
+                _ = closing.wait_for(|c| *c) => None,
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None => {
+                    // Idle: closes now; busy: finishes its request first.
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+            connections.remove(id);
+        });
+    }
+
+    drop(listener);
+    let _ = closing_tx.send(true);
+    let open = cap - slots.available_permits();
+    tracing::info!(shard = node.id(), open, "listener closed; draining");
+    let cap = u32::try_from(cap).unwrap_or(u32::MAX);
+    match tokio::time::timeout(options.drain_timeout, slots.acquire_many(cap)).await {
+        Ok(_) => tracing::info!(shard = node.id(), "drained"),
+        Err(_) => tracing::warn!(
+            shard = node.id(),
+            left = cap as usize - slots.available_permits(),
+            "drain deadline passed; cutting the connections left"
+        ),
+    }
+    Ok(())
 }
 
-/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
-pub async fn shutdown_signal() {
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Which signal asked a node to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: Kubernetes (or a supervisor) stops the pod.
+    Terminate,
+    /// Ctrl-C at a terminal.
+    Interrupt,
+}
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C, saying which.
+pub async fn shutdown_signal() -> Signal {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!("cannot listen for Ctrl-C: {e}");
@@ -53,7 +284,7 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
+        () = ctrl_c => Signal::Interrupt,
+        () = terminate => Signal::Terminate,
     }
 }

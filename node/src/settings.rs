@@ -14,6 +14,17 @@ pub struct Settings {
     pub peer_request_timeout: Duration,
     /// Time any request may take end to end on this node.
     pub request_timeout: Duration,
+    /// Longest a move may hold requests for its range while the tail of
+    /// its writes reaches the target; past it the fence is lifted.
+    pub fence_timeout: Duration,
+    /// Entries and key+value bytes of one search page: what a search
+    /// holds per shard at a time, and at most what one answer with
+    /// `limit` carries before it stops with a cursor.
+    pub search_page_keys: usize,
+    pub search_page_bytes: usize,
+    /// An answer without `limit` smaller than this is sent whole, its
+    /// status decided after every shard answered; a larger one streams.
+    pub search_buffer_bytes: usize,
 }
 
 impl Default for Settings {
@@ -24,6 +35,10 @@ impl Default for Settings {
             peer_connect_timeout: Duration::from_secs(1),
             peer_request_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            fence_timeout: Duration::from_secs(5),
+            search_page_keys: 1000,
+            search_page_bytes: 4 << 20,
+            search_buffer_bytes: 1 << 20,
         }
     }
 }

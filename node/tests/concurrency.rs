@@ -98,5 +98,8 @@ async fn a_thousand_concurrent_mixed_requests_lose_nothing() {
         }
     }
     let stored = c.node(0).node.store().unwrap().len() + c.node(1).node.store().unwrap().len();
-    assert_eq!(stored, expected.values().filter(|v| v.is_some()).count());
+    assert_eq!(
+        stored as usize,
+        expected.values().filter(|v| v.is_some()).count()
+    );
 }

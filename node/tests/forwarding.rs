@@ -6,7 +6,7 @@ use cavi_node::testkit as common;
 
 use std::time::{Duration, Instant};
 
-use cavi_node::peers::FORWARDED_HEADER;
+use cavi_node::wire::FORWARDED_HEADER;
 use common::{Cluster, Member, SEED, bind, fast_settings, layout, spawn_node};
 use reqwest::StatusCode;
 
@@ -61,13 +61,7 @@ async fn awkward_keys_round_trip_exactly_through_a_non_owner() {
         }
         let owner = c.config.owner_of(key).unwrap().id as usize;
         assert_eq!(
-            c.node(owner)
-                .node
-                .store()
-                .unwrap()
-                .get(key)
-                .unwrap()
-                .as_deref(),
+            c.node(owner).stored(key).as_deref(),
             Some(format!("{value} via 1").as_str()),
             "{key:?} is stored under its exact name on its owner"
         );
@@ -134,13 +128,21 @@ async fn nodes_whose_configs_disagree_answer_421_after_one_hop() {
 }
 
 #[tokio::test]
-async fn dead_peer_is_a_fast_502() {
+async fn a_dead_or_restarting_peer_is_a_fast_503_with_retry_after() {
     let c = Cluster::start_with(&SEED, &[Member::Node, Member::Dead], fast_settings()).await;
     let started = Instant::now();
     let answer = c.client.get(&c.url(0), "zebra").await;
     let took = started.elapsed();
-    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{answer:?}");
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{answer:?}");
     assert_eq!(answer.code(), "peer_unavailable");
+    assert_eq!(
+        answer
+            .headers
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1"),
+        "{answer:?}"
+    );
     assert!(answer.error().contains("shard 1"), "{answer:?}");
     assert!(took < Duration::from_secs(2), "dead peer took {took:?}");
     // The live shard keeps serving its own keys.

@@ -53,7 +53,7 @@ async fn key_space_edges_route_to_the_right_shard() {
             c.client.put(&c.url(1 - owner), key, key).await.status,
             StatusCode::NO_CONTENT
         );
-        let held = c.node(owner).node.store().unwrap().get(key).unwrap();
+        let held = c.node(owner).stored(key);
         assert_eq!(
             held.as_deref(),
             Some(key),

@@ -49,7 +49,7 @@ async fn metrics_count_requests_peers_fan_out_and_storage() {
     c.client.get(&n0, "missing").await;
     assert_eq!(
         c.client.get(&n0, "{x").await.status,
-        StatusCode::BAD_GATEWAY
+        StatusCode::SERVICE_UNAVAILABLE
     );
     c.client.search(&n0, "prefix=").await;
     c.client.search(&n0, "prefix=a").await;
@@ -69,7 +69,7 @@ async fn metrics_count_requests_peers_fan_out_and_storage() {
     );
     has(
         &text,
-        r#"cavi_http_requests_total{method="GET",route="/kv/{*key}",status="502"} 1"#,
+        r#"cavi_http_requests_total{method="GET",route="/kv/{*key}",status="503"} 1"#,
     );
     has(
         &text,
@@ -168,7 +168,7 @@ async fn json_logs_carry_the_request_id() {
                 .header("x-request-id", "follow-me"),
         )
         .await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
 
     let stdout = node.0.stdout.take().unwrap();
     let found = tokio::task::spawn_blocking(move || {

@@ -96,7 +96,11 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     info!(addr = %options.admin_addr, "admin endpoints listening");
     let admin_state = state.clone();
     tokio::spawn(async move {
-        if let Err(error) = admin::serve(listener, admin_state, shutdown_signal()).await {
+        if let Err(error) = admin::serve(listener, admin_state, async {
+            shutdown_signal().await;
+        })
+        .await
+        {
             error!(%error, "admin server failed");
         }
     });
@@ -125,7 +129,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         );
         tokio::select! {
             () = elector.acquire() => {}
-            () = shutdown_signal() => return Ok(()),
+            _ = shutdown_signal() => return Ok(()),
         }
     }
     state.metrics.set_leader(true);

@@ -241,6 +241,7 @@ mod tests {
 
     fn layout(n: u32) -> ClusterConfig {
         ClusterConfig {
+            epoch: 0,
             shards: (0..n)
                 .map(|i| ShardConfig {
                     id: i,

@@ -1,49 +1,58 @@
 //! Request extractors whose failures are `ApiError`s, so a malformed
 //! request gets the same JSON error shape as everything else.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header;
 use axum::http::request::Parts;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use std::sync::Arc;
-
-use crate::dispatch::Node;
 use crate::error::ApiError;
-use crate::peers::{Caller, FORWARDED_HEADER, REQUEST_ID_HEADER};
+use crate::node::Node;
+use crate::peers::Caller;
+use crate::wire::{
+    DecodeError, EPOCH_HEADER, FORWARDED_HEADER, REQUEST_ID_HEADER, decode_component, parse_query,
+};
 
-/// The key of `/kv/{*key}` (decoded once) or of `/kv?key=` — the form
-/// nodes use between themselves and the one for keys like `..`.
+/// The key of `/kv/{key}` or of `/kv?key=` (the form nodes use between
+/// themselves, and the one for keys like `..`), percent-decoded exactly
+/// once with the same rules in both forms.
 pub struct Key(pub String);
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyQuery {
-    key: String,
-}
 
 impl<S: Send + Sync> FromRequestParts<S> for Key {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        if parts.uri.path().trim_end_matches('/') == "/kv" {
-            let Query(q) = Query::<KeyQuery>::from_request_parts(parts, state)
-                .await
-                .map_err(|e| {
-                    ApiError::InvalidKey(format!("{} (use /kv/{{key}})", e.body_text()))
-                })?;
-            return Ok(Key(q.key));
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let invalid = |DecodeError(e)| ApiError::InvalidKey(e);
+        if let Some(raw) = parts.uri.path().strip_prefix("/kv/") {
+            return decode_component(raw).map(Key).map_err(invalid);
         }
-        let Path(key) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::InvalidKey(e.body_text()))?;
-        Ok(Key(key))
+        let query = parts.uri.query().unwrap_or_default();
+        let mut key = None;
+        for (name, value) in parse_query(query).map_err(invalid)? {
+            match name.as_str() {
+                "key" if key.is_none() => key = Some(value),
+                "key" => {
+                    return Err(ApiError::InvalidKey(
+                        "the query names more than one key".into(),
+                    ));
+                }
+                other => {
+                    return Err(ApiError::InvalidKey(format!(
+                        "unknown query parameter {other:?}: name the key as /kv/{{key}} or /kv?key="
+                    )));
+                }
+            }
+        }
+        key.map(Key)
+            .ok_or_else(|| ApiError::InvalidKey("no key: name it as /kv/{key} or /kv?key=".into()))
     }
 }
 
-/// Who sent the request: `x-cavi-forwarded` and `x-request-id`.
+/// Who sent the request: `x-cavi-forwarded`, `x-cavi-epoch`, `x-request-id`.
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = std::convert::Infallible;
 
@@ -52,32 +61,42 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .headers
             .get(FORWARDED_HEADER)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let epoch = parts
+            .headers
+            .get(EPOCH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         Ok(Caller {
             forwarded_by,
+            epoch,
             request_id: parts.headers.get(REQUEST_ID_HEADER).cloned(),
         })
     }
 }
 
-/// Query parameters with errors mapped to `invalid_query`.
-pub struct Params<T>(pub T);
+/// The raw query string, for handlers that parse it with the strict rules.
+pub struct RawQuery(pub String);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
-    type Rejection = ApiError;
+impl<S: Send + Sync> FromRequestParts<S> for RawQuery {
+    type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Query(q) = Query::<T>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
-        Ok(Params(q))
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(RawQuery(parts.uri.query().unwrap_or_default().to_owned()))
     }
 }
 
-/// The body of `PUT /kv/{key}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The body of `PUT /kv/{key}`: the value, and the body as it came, which
+/// a forwarding node passes on without encoding it again.
+#[derive(Debug)]
 pub struct PutBody {
     pub value: String,
+    pub raw: Bytes,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutShape {
+    value: String,
 }
 
 impl FromRequest<Arc<Node>> for PutBody {
@@ -88,31 +107,57 @@ impl FromRequest<Arc<Node>> for PutBody {
             return Err(ApiError::UnsupportedMediaType);
         }
         let limit = state.settings().max_body_bytes();
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::BodyTooLarge { limit }
-            } else {
-                ApiError::InvalidJson(e.body_text())
-            }
-        })?;
-        let body: PutBody = serde_json::from_slice(&bytes).map_err(|e| {
-            use serde_json::error::Category;
-            match e.classify() {
-                Category::Data => ApiError::InvalidBody(e.to_string()),
-                Category::Syntax | Category::Eof | Category::Io => {
-                    ApiError::InvalidJson(e.to_string())
-                }
-            }
-        })?;
-        // serde also reads a struct from a list (`["x"]`); only an object
-        // has the documented shape.
-        if bytes.trim_ascii_start().first() != Some(&b'{') {
-            return Err(ApiError::InvalidBody(
-                "the body is not a JSON object".into(),
-            ));
-        }
-        Ok(body)
+        let raw = read_body(req, state, limit).await?;
+        let shape: PutShape = parse_json(&raw)?;
+        Ok(PutBody {
+            value: shape.value,
+            raw,
+        })
     }
+}
+
+/// A JSON body of the internal API.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<Node>> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<Node>) -> Result<Self, ApiError> {
+        let raw = read_body(req, state, usize::MAX).await?;
+        Ok(JsonBody(parse_json(&raw)?))
+    }
+}
+
+async fn read_body(req: Request, state: &Arc<Node>, limit: usize) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge {
+                limit: limit.min(state.settings().max_body_bytes()),
+            }
+        } else {
+            ApiError::InvalidJson(e.body_text())
+        }
+    })
+}
+
+/// A JSON object of the expected shape: syntax errors are `invalid_json`,
+/// shape errors (and a list where an object belongs) `invalid_body`.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: T = serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::InvalidBody(e.to_string()),
+            Category::Syntax | Category::Eof | Category::Io => ApiError::InvalidJson(e.to_string()),
+        }
+    })?;
+    // serde also reads a struct from a list (`["x"]`); only an object has
+    // the documented shape.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::InvalidBody(
+            "the body is not a JSON object".into(),
+        ));
+    }
+    Ok(value)
 }
 
 fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
@@ -129,6 +174,8 @@ fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -141,5 +188,31 @@ mod tests {
         assert!(!yes("text/plain"));
         assert!(!yes("application/x-www-form-urlencoded"));
         assert!(!is_json(None));
+    }
+
+    async fn key(uri: &str) -> Result<String, ApiError> {
+        let (mut parts, ()) = axum::http::Request::get(uri).body(()).unwrap().into_parts();
+        Key::from_request_parts(&mut parts, &()).await.map(|k| k.0)
+    }
+
+    #[tokio::test]
+    async fn path_and_query_decode_alike() {
+        for (path, query, want) in [
+            ("/kv/a+b", "/kv?key=a+b", "a+b"),
+            ("/kv/a%2Bb", "/kv?key=a%2Bb", "a+b"),
+            ("/kv/p%3Fq", "/kv?key=p%3Fq", "p?q"),
+            ("/kv/q%2520x", "/kv?key=q%2520x", "q%20x"),
+            ("/kv/a%2Fb", "/kv?key=a%2Fb", "a/b"),
+            ("/kv/%C3%A9", "/kv?key=%C3%A9", "é"),
+        ] {
+            assert_eq!(key(path).await.unwrap(), want, "{path}");
+            assert_eq!(key(query).await.unwrap(), want, "{query}");
+        }
+        for bad in ["/kv/%FE", "/kv/%FF", "/kv?key=%FE", "/kv?key=%C3"] {
+            let e = key(bad).await.unwrap_err();
+            assert_eq!(e.code(), "invalid_key", "{bad}");
+        }
+        assert!(key("/kv?k=1").await.is_err());
+        assert!(key("/kv?key=a&key=b").await.is_err());
     }
 }

@@ -11,9 +11,12 @@ use std::cmp::Ordering as CmpOrdering;
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{Entry, Store, StoreError, WriteAck};
+use super::{
+    Entry, Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp, scan_done, scan_start,
+};
+use crate::keyspace::Span;
 
 const LEN: usize = std::mem::size_of::<u32>();
 
@@ -79,14 +82,14 @@ impl Ord for Packed {
     }
 }
 
-fn text(bytes: &[u8]) -> Result<String, StoreError> {
+fn text(bytes: &[u8]) -> Result<&str, StoreError> {
     // Everything stored came in as `&str`.
-    String::from_utf8(bytes.to_vec()).map_err(|_| StoreError("stored data is not UTF-8".into()))
+    std::str::from_utf8(bytes).map_err(|_| StoreError::Corrupt("stored data is not UTF-8".into()))
 }
 
 #[derive(Default)]
 pub struct MemoryStore {
-    set: RwLock<BTreeSet<Packed>>,
+    set: RwLock<Inner>,
     /// Key and value bytes, kept up to date under the write lock.
     bytes: AtomicU64,
 }
@@ -106,56 +109,136 @@ impl MemoryStore {
 
     // A panic while holding the lock cannot leave the set memory-unsafe,
     // and the set's own operations do not panic half-way; keep serving.
-    fn read(&self) -> RwLockReadGuard<'_, BTreeSet<Packed>> {
+    fn read_set(&self) -> RwLockReadGuard<'_, Inner> {
         self.set.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, BTreeSet<Packed>> {
+    fn write_set(&self) -> RwLockWriteGuard<'_, Inner> {
         self.set.write().unwrap_or_else(PoisonError::into_inner)
     }
-}
 
-impl Store for MemoryStore {
-    fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.read()
-            .get(key.as_bytes())
-            .map(|p| text(p.value()))
-            .transpose()
+    fn apply(&self, inner: &mut Inner, op: &WriteOp) {
+        match op {
+            WriteOp::Put(k, v) => self.insert(inner, k, v),
+            WriteOp::Delete(k) => self.remove(inner, k),
+        }
+        if let Some(tap) = &inner.tap {
+            tap.applied(op);
+        }
     }
 
-    fn put(&self, key: &str, value: &str) -> WriteAck {
+    fn insert(&self, inner: &mut Inner, key: &str, value: &str) {
         let entry = Packed::new(key, value);
         let added = entry.size();
-        if let Some(old) = self.write().replace(entry) {
+        if let Some(old) = inner.set.replace(entry) {
             self.bytes.fetch_sub(old.size(), Ordering::Relaxed);
         }
         self.bytes.fetch_add(added, Ordering::Relaxed);
-        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn remove(&self, inner: &mut Inner, key: &str) {
+        if let Some(old) = inner.set.take(key.as_bytes()) {
+            self.bytes.fetch_sub(old.size(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The set, and the tap that sees its writes (under the same lock, so in
+/// their order).
+#[derive(Default)]
+struct Inner {
+    set: BTreeSet<Packed>,
+    tap: Option<Arc<dyn Tap>>,
+}
+
+fn done() -> WriteAck {
+    Box::pin(std::future::ready(Ok(())))
+}
+
+impl Store for MemoryStore {
+    fn read(&self, key: &str, found: &mut dyn FnMut(&str)) -> Result<bool, StoreError> {
+        let inner = self.read_set();
+        match inner.set.get(key.as_bytes()) {
+            Some(p) => {
+                found(text(p.value())?);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn put(&self, key: &str, value: &str) -> WriteAck {
+        let mut inner = self.write_set();
+        if inner.tap.is_some() {
+            self.apply(&mut inner, &WriteOp::Put(key.to_owned(), value.to_owned()));
+        } else {
+            self.insert(&mut inner, key, value);
+        }
+        done()
     }
 
     fn delete(&self, key: &str) -> WriteAck {
-        if let Some(old) = self.write().take(key.as_bytes()) {
-            self.bytes.fetch_sub(old.size(), Ordering::Relaxed);
+        let mut inner = self.write_set();
+        if inner.tap.is_some() {
+            self.apply(&mut inner, &WriteOp::Delete(key.to_owned()));
+        } else {
+            self.remove(&mut inner, key);
         }
-        Box::pin(std::future::ready(Ok(())))
+        done()
     }
 
-    fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, StoreError> {
-        let set = self.read();
-        set.range::<[u8], _>((Bound::Included(prefix.as_bytes()), Bound::Unbounded))
-            .take_while(|p| p.key().starts_with(prefix.as_bytes()))
-            .take(limit)
-            .map(|p| {
-                Ok(Entry {
-                    key: text(p.key())?,
-                    value: text(p.value())?,
-                })
-            })
-            .collect()
+    fn write(&self, ops: Vec<WriteOp>) -> WriteAck {
+        if !ops.is_empty() {
+            let mut inner = self.write_set();
+            for op in &ops {
+                self.apply(&mut inner, op);
+            }
+        }
+        done()
     }
 
-    fn len(&self) -> usize {
-        self.read().len()
+    fn set_tap(&self, tap: Option<Arc<dyn Tap>>) -> WriteAck {
+        self.write_set().tap = tap;
+        done()
+    }
+
+    fn scan(&self, req: &ScanRequest<'_>) -> Result<Page, StoreError> {
+        let inner = self.read_set();
+        let (from, _) = scan_start(req);
+        let mut page = Page::default();
+        let mut bytes = 0usize;
+        for p in inner.set.range::<[u8], _>((from, Bound::Unbounded)) {
+            if scan_done(req, p.key()) {
+                break;
+            }
+            if page.entries.len() >= req.limit
+                || (!page.entries.is_empty() && bytes >= req.max_bytes)
+            {
+                page.more = true;
+                break;
+            }
+            let entry = Entry {
+                key: text(p.key())?.to_owned(),
+                value: text(p.value())?.to_owned(),
+            };
+            bytes += entry.size();
+            page.entries.push(entry);
+        }
+        Ok(page)
+    }
+
+    fn count(&self, span: &Span) -> Result<u64, StoreError> {
+        let inner = self.read_set();
+        let n = inner
+            .set
+            .range::<[u8], _>((Bound::Included(span.start.as_slice()), Bound::Unbounded))
+            .take_while(|p| span.contains(p.key()))
+            .count();
+        Ok(n as u64)
+    }
+
+    fn len(&self) -> u64 {
+        self.read_set().set.len() as u64
     }
 
     fn bytes(&self) -> u64 {
@@ -166,29 +249,59 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keyspace::KeyRange;
 
     fn put(s: &MemoryStore, k: &str, v: &str) {
-        // The memory engine acknowledges before returning.
-        let ack = s.put(k, v);
-        assert!(s.get(k).expect("get").is_some());
-        drop(ack);
+        // The memory engine applies a write before returning its ack.
+        drop(s.put(k, v));
+        assert!(get(s, k).is_some());
+    }
+
+    fn get(s: &MemoryStore, k: &str) -> Option<String> {
+        let mut out = None;
+        s.read(k, &mut |v| out = Some(v.to_owned())).expect("read");
+        out
+    }
+
+    fn everything() -> Span {
+        Span::from(&KeyRange::new("", None::<&str>))
+    }
+
+    fn keys(
+        s: &MemoryStore,
+        prefix: &str,
+        span: &Span,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<String>, bool) {
+        let page = s
+            .scan(&ScanRequest {
+                span,
+                prefix,
+                after,
+                limit,
+                max_bytes: usize::MAX,
+            })
+            .expect("scan");
+        (page.entries.into_iter().map(|e| e.key).collect(), page.more)
     }
 
     #[test]
     fn put_get_delete() {
         let s = MemoryStore::new();
-        assert_eq!(s.get("a").expect("get"), None);
+        assert_eq!(get(&s, "a"), None);
         put(&s, "a", "1");
         put(&s, "a", "2");
-        assert_eq!(s.get("a").expect("get").as_deref(), Some("2"));
+        assert_eq!(get(&s, "a").as_deref(), Some("2"));
         assert_eq!(s.bytes(), 2);
         put(&s, "", "");
         put(&s, "ab", "");
-        assert_eq!(s.get("").expect("get").as_deref(), Some(""));
-        assert_eq!(s.get("ab").expect("get").as_deref(), Some(""));
+        assert_eq!(get(&s, "").as_deref(), Some(""));
         assert_eq!(s.bytes(), 4);
-        drop(s.delete("ab"));
-        drop(s.delete(""));
+        drop(s.write(vec![
+            WriteOp::Delete("ab".into()),
+            WriteOp::Delete("".into()),
+        ]));
         drop(s.delete("a"));
         drop(s.delete("a"));
         assert!(s.is_empty());
@@ -196,21 +309,69 @@ mod tests {
     }
 
     #[test]
-    fn prefix_scan_is_a_sorted_range_with_a_limit() {
+    fn prefix_scan_is_a_sorted_range_with_a_limit_and_a_cursor() {
         let s = MemoryStore::new();
         for k in ["fa", "f", "fz", "g", "e", "f\u{10ffff}", "fb"] {
             put(&s, k, &k.to_uppercase());
         }
-        let keys: Vec<String> = s
-            .scan_prefix("f", usize::MAX)
-            .expect("scan")
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
-        assert_eq!(keys, ["f", "fa", "fb", "fz", "f\u{10ffff}"]);
-        assert_eq!(s.scan_prefix("f", 2).expect("scan").len(), 2);
-        assert_eq!(s.scan_prefix("", usize::MAX).expect("scan").len(), 7);
-        assert!(s.scan_prefix("h", usize::MAX).expect("scan").is_empty());
+        let all = everything();
+        assert_eq!(
+            keys(&s, "f", &all, None, usize::MAX),
+            (
+                vec![
+                    "f".into(),
+                    "fa".into(),
+                    "fb".into(),
+                    "fz".into(),
+                    "f\u{10ffff}".into()
+                ],
+                false
+            )
+        );
+        assert_eq!(
+            keys(&s, "f", &all, None, 2),
+            (vec!["f".into(), "fa".into()], true)
+        );
+        assert_eq!(
+            keys(&s, "f", &all, Some("fa"), 2),
+            (vec!["fb".into(), "fz".into()], true)
+        );
+        assert_eq!(keys(&s, "", &all, None, usize::MAX).0.len(), 7);
+        assert!(keys(&s, "h", &all, None, usize::MAX).0.is_empty());
+        // A span clips the scan whatever the prefix says.
+        let span = Span::from(&KeyRange::new("fb", Some("fz")));
+        assert_eq!(keys(&s, "", &span, None, 10).0, ["fb", "fz"]);
+        assert_eq!(s.count(&span).expect("count"), 2);
+    }
+
+    #[test]
+    fn a_byte_budget_stops_a_page_after_at_least_one_entry() {
+        let s = MemoryStore::new();
+        for k in ["a", "b", "c"] {
+            put(&s, k, "0123456789");
+        }
+        let all = everything();
+        let page = s
+            .scan(&ScanRequest {
+                span: &all,
+                prefix: "",
+                after: None,
+                limit: 10,
+                max_bytes: 15,
+            })
+            .expect("scan");
+        assert_eq!(page.entries.len(), 2);
+        assert!(page.more);
+        let page = s
+            .scan(&ScanRequest {
+                span: &all,
+                prefix: "",
+                after: None,
+                limit: 10,
+                max_bytes: 1,
+            })
+            .expect("scan");
+        assert_eq!(page.entries.len(), 1);
     }
 
     #[test]
@@ -223,7 +384,7 @@ mod tests {
                     for i in 0..500 {
                         let k = format!("k{t}-{i}");
                         drop(s.put(&k, "v"));
-                        assert_eq!(s.get(&k).expect("get").as_deref(), Some("v"));
+                        assert_eq!(get(&s, &k).as_deref(), Some("v"));
                     }
                 })
             })

@@ -1,17 +1,20 @@
-//! Where a shard keeps its keys. The trait is the seam between the HTTP
-//! layer and storage engines; every implementation keeps keys ordered so a
-//! prefix search is a range scan, not a full scan.
+//! Where a shard keeps its keys. The trait is the seam between the node and
+//! its storage engines; every engine keeps keys ordered, so a prefix search
+//! or a range copy is a range scan, never a full scan.
 
 mod disk;
 mod memory;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
-pub use disk::{DiskOptions, DiskStore};
+pub use disk::{DiskOptions, DiskStore, Faults};
 pub use memory::MemoryStore;
 
 use serde::{Deserialize, Serialize};
+
+use crate::keyspace::Span;
 
 /// One key and its value, as `/search` returns them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,9 +23,29 @@ pub struct Entry {
     pub value: String,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+impl Entry {
+    /// Key and value bytes: what a page budget counts.
+    pub fn size(&self) -> usize {
+        self.key.len() + self.value.len()
+    }
+}
+
+/// Why storage failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The disk is full: nothing more can be written until space is freed.
+    #[error("the disk is full: {0}")]
+    Full(String),
+    /// Writes fail (I/O error, engine recovering); reads may still work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The write queue is full: the disk cannot keep up with the writers.
+    #[error("{0}")]
+    Overloaded(String),
+    /// Data or metadata that cannot be read back.
+    #[error("{0}")]
+    Corrupt(String),
+}
 
 /// Resolves once a write is applied and, for a durable engine, synced.
 /// Boxed so the trait stays object-safe; writes are awaited rather than
@@ -30,22 +53,139 @@ pub struct StoreError(pub String);
 /// concurrent writers into one sync.
 pub type WriteAck = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
+/// One write of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    Put(String, String),
+    Delete(String),
+}
+
+impl WriteOp {
+    pub fn key(&self) -> &str {
+        match self {
+            WriteOp::Put(k, _) | WriteOp::Delete(k) => k,
+        }
+    }
+
+    /// Bytes this write holds while it waits in a queue.
+    pub fn size(&self) -> usize {
+        match self {
+            WriteOp::Put(k, v) => k.len() + v.len(),
+            WriteOp::Delete(k) => k.len(),
+        }
+    }
+}
+
+/// What a scan returns: keys in `span` that start with `prefix`, after
+/// `after` (exclusive), at most `limit` entries and, past the first
+/// entry, at most `max_bytes` of keys and values.
+#[derive(Debug, Clone)]
+pub struct ScanRequest<'a> {
+    pub span: &'a Span,
+    pub prefix: &'a str,
+    pub after: Option<&'a str>,
+    pub limit: usize,
+    pub max_bytes: usize,
+}
+
+/// One page of a scan: the entries in key order, and whether more follow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub entries: Vec<Entry>,
+    pub more: bool,
+}
+
+/// Where a scan starts: the greatest of the span's start, the prefix, and
+/// just after `after`.
+pub(crate) fn scan_start<'a>(req: &'a ScanRequest<'_>) -> (std::ops::Bound<&'a [u8]>, &'a [u8]) {
+    use std::ops::Bound;
+    let mut start: &[u8] = req.span.start.as_slice().max(req.prefix.as_bytes());
+    match req.after {
+        Some(after) if after.as_bytes() >= start => {
+            start = after.as_bytes();
+            (Bound::Excluded(start), start)
+        }
+        _ => (Bound::Included(start), start),
+    }
+}
+
+/// Whether a scan that has reached `key` must stop: outside the span or
+/// past the prefix.
+pub(crate) fn scan_done(req: &ScanRequest<'_>, key: &[u8]) -> bool {
+    !req.span.contains(key) || !key.starts_with(req.prefix.as_bytes())
+}
+
 /// A shard's ordered key-value storage.
-///
-/// Reads are synchronous: the memory engine never blocks and the disk
-/// engine serves them from its memtable and caches.
 pub trait Store: Send + Sync + 'static {
-    fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Calls `found` with the value of `key` while it is borrowed from the
+    /// engine, so the caller encodes it without a copy; `Ok(false)` when
+    /// the key is missing.
+    fn read(&self, key: &str, found: &mut dyn FnMut(&str)) -> Result<bool, StoreError>;
+
     fn put(&self, key: &str, value: &str) -> WriteAck;
+
     /// Removes `key`; removing a missing key is not an error.
     fn delete(&self, key: &str) -> WriteAck;
-    /// Up to `limit` entries whose key starts with `prefix`, sorted by key.
-    fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, StoreError>;
-    /// Number of keys stored; engines that cannot count cheaply estimate.
-    fn len(&self) -> usize;
-    /// Bytes held: key and value bytes in memory, the files on disk.
+
+    /// Applies `ops` in order, atomically for a durable engine.
+    fn write(&self, ops: Vec<WriteOp>) -> WriteAck;
+
+    /// Resolves once every write submitted before it has been applied.
+    fn barrier(&self) -> WriteAck {
+        self.write(Vec::new())
+    }
+
+    /// Installs (or removes) a tap that sees every write applied from
+    /// now on, in the order the engine applies them; resolves once the
+    /// writes submitted before it are applied, untapped.
+    fn set_tap(&self, tap: Option<Arc<dyn Tap>>) -> WriteAck;
+
+    fn scan(&self, request: &ScanRequest<'_>) -> Result<Page, StoreError>;
+
+    /// Keys held in `span`.
+    fn count(&self, span: &Span) -> Result<u64, StoreError>;
+
+    /// Keys held, exactly.
+    fn len(&self) -> u64;
+
+    /// Key and value bytes held, exactly.
     fn bytes(&self) -> u64;
+
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether reads may wait for a disk, so the node runs them off the
+    /// async workers.
+    fn reads_block(&self) -> bool {
+        false
+    }
+
+    /// Why writes fail right now, if they do (a full disk, an engine being
+    /// reopened): `/readyz` reports it.
+    fn fault(&self) -> Option<StoreError> {
+        None
+    }
+
+    /// Durable node state (the live map, moves in progress) kept beside
+    /// the data; `None` for an engine that keeps nothing across restarts.
+    fn state(&self) -> Option<&dyn NodeState> {
+        None
+    }
+}
+
+/// Sees the writes an engine applies, in its order, from inside the
+/// engine's own serialization (the memory engine's write lock, the disk
+/// engine's writer thread): so a copy of a range plus the writes a tap saw
+/// after it was installed is exactly the range. Must be quick.
+pub trait Tap: Send + Sync {
+    fn applied(&self, op: &WriteOp);
+}
+
+/// Small records a durable node keeps about itself, written atomically
+/// and synced before `save` returns.
+pub trait NodeState: Send + Sync {
+    fn load(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Sets (`Some`) or removes (`None`) every record, as one synced write.
+    fn save(&self, records: &[(&str, Option<Vec<u8>>)]) -> Result<(), StoreError>;
 }

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ClusterConfig, ShardConfig};
-use crate::dispatch::Node;
-use crate::server::serve;
+use crate::node::Node;
+use crate::server::{ServeOptions, serve};
 use crate::settings::Settings;
+use crate::shard_map::ShardMap;
 use crate::store::MemoryStore;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
@@ -64,7 +65,7 @@ pub fn layout(ranges: &[Range], addrs: &[SocketAddr]) -> ClusterConfig {
             range_end: end.map(str::to_owned),
         })
         .collect();
-    let config = ClusterConfig { shards };
+    let config = ClusterConfig { epoch: 0, shards };
     config.validate().unwrap();
     config
 }
@@ -79,6 +80,11 @@ pub struct TestNode {
 impl TestNode {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The value this node's own store holds for `key`, read directly.
+    pub fn stored(&self, key: &str) -> Option<String> {
+        stored(&self.node, key)
     }
 
     /// Graceful stop: waits until in-flight requests have finished.
@@ -107,18 +113,40 @@ pub fn spawn_node(
     settings: Settings,
 ) -> TestNode {
     let addr = listener.local_addr().unwrap();
-    let node =
-        Arc::new(Node::new(Arc::new(config), id, Arc::new(MemoryStore::new()), settings).unwrap());
+    let node = Arc::new(
+        Node::new(
+            ShardMap::from_config(&config),
+            id,
+            Arc::new(MemoryStore::new()),
+            settings,
+        )
+        .unwrap(),
+    );
     let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(serve(listener, node.clone(), async move {
-        let _ = rx.await;
-    }));
+    let handle = tokio::spawn(serve(
+        listener,
+        node.clone(),
+        async move {
+            let _ = rx.await;
+        },
+        ServeOptions::default(),
+    ));
     TestNode {
         addr,
         node,
         stop: Some(tx),
         handle: Some(handle),
     }
+}
+
+/// The value `node`'s own store holds for `key`, read directly.
+pub fn stored(node: &Node, key: &str) -> Option<String> {
+    let mut found = None;
+    node.store()
+        .unwrap()
+        .read(key, &mut |v| found = Some(v.to_owned()))
+        .unwrap();
+    found
 }
 
 /// What stands at a shard's address.

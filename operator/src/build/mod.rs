@@ -140,6 +140,7 @@ pub fn selector_query(names: &Names) -> String {
 /// [`crate::validate`].
 pub fn cluster_config(names: &Names, spec: &CaviClusterSpec) -> ClusterConfig {
     ClusterConfig {
+        epoch: 0,
         shards: spec
             .shards
             .iter()

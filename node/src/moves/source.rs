@@ -1,0 +1,794 @@
+//! The source's side of a move: tap, copy, catch up, fence, commit, clean
+//! up (see the module above for the whole protocol).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{
+    Batch, BatchEntry, BatchKind, CommitRequest, MoveSpec, MoveStatus, OUTGOING_RECORD, Outcome,
+    Phase, Role, unix_now,
+};
+use crate::error::ApiError;
+use crate::keyspace::Span;
+use crate::node::Node;
+use crate::store::{Page, ScanRequest, Store, Tap, WriteOp};
+
+/// Entries and bytes per page of the copy.
+const COPY_PAGE_KEYS: usize = 1024;
+const COPY_PAGE_BYTES: usize = 1 << 20;
+/// Tapped writes and bytes per batch of the catch-up.
+const WRITES_PAGE_KEYS: usize = 1024;
+const WRITES_PAGE_BYTES: usize = 1 << 20;
+/// Tapped writes held for the target before writers to the range wait.
+const LOG_SOFT_BYTES: usize = 16 << 20;
+/// Tapped writes held before the move gives up (the target cannot keep up).
+const LOG_HARD_BYTES: usize = 64 << 20;
+/// A copying move nobody asked about for this long is abandoned.
+const IDLE_ABORT: Duration = Duration::from_secs(60);
+
+/// What a durable source records, before it acts on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Record {
+    pub spec: MoveSpec,
+    pub phase: Phase,
+}
+
+struct Gate {
+    phase: Phase,
+    /// Requests for the range running now (admitted while not fenced).
+    inflight: usize,
+}
+
+#[derive(Default)]
+struct Log {
+    ops: VecDeque<WriteOp>,
+    bytes: usize,
+    /// Number of `ops[0]`; tapped writes are numbered from 0.
+    first_seq: u64,
+    /// The log outgrew its hard bound: the move must give up.
+    overflow: bool,
+}
+
+/// A range this node is giving away.
+pub struct Outgoing {
+    pub(crate) spec: MoveSpec,
+    pub(crate) span: Span,
+    gate: Mutex<Gate>,
+    phase_tx: watch::Sender<Phase>,
+    /// Wakes the fence when the last admitted request finishes.
+    idle: Notify,
+    log: Mutex<Log>,
+    /// Wakes the sender when writes are tapped, and writers and the fence
+    /// when the log shrinks.
+    log_changed: Notify,
+    copy_done: AtomicBool,
+    keys_copied: AtomicU64,
+    bytes_copied: AtomicU64,
+    writes_mirrored: AtomicU64,
+    last_touch: Mutex<Instant>,
+    error: Mutex<Option<String>>,
+    started_at: u64,
+}
+
+/// Holds a request's place in the range while it runs; the fence waits
+/// for every one to be dropped.
+pub struct Admitted<'a> {
+    out: &'a Outgoing,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut gate = self.out.gate();
+        gate.inflight -= 1;
+        if gate.inflight == 0 {
+            self.out.idle.notify_waiters();
+        }
+    }
+}
+
+/// What a request for a key in the moving range may do.
+pub enum Admission<'a> {
+    /// Serve it here; the guard holds its place until it is done.
+    Serve(Admitted<'a>),
+    /// The range changed hands (or the move ended): route again.
+    Reroute,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Tap for Outgoing {
+    fn applied(&self, op: &WriteOp) {
+        if !self.span.contains(op.key().as_bytes()) {
+            return;
+        }
+        {
+            let mut log = lock(&self.log);
+            if log.bytes > LOG_HARD_BYTES {
+                log.overflow = true;
+            } else {
+                log.bytes += op.size();
+                log.ops.push_back(op.clone());
+            }
+        }
+        self.log_changed.notify_waiters();
+    }
+}
+
+impl Outgoing {
+    fn new(spec: MoveSpec, phase: Phase) -> Self {
+        let span = Span::from(&spec.range());
+        Self {
+            spec,
+            span,
+            gate: Mutex::new(Gate { phase, inflight: 0 }),
+            phase_tx: watch::Sender::new(phase),
+            idle: Notify::new(),
+            log: Mutex::new(Log::default()),
+            log_changed: Notify::new(),
+            copy_done: AtomicBool::new(false),
+            keys_copied: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            writes_mirrored: AtomicU64::new(0),
+            last_touch: Mutex::new(Instant::now()),
+            error: Mutex::new(None),
+            started_at: unix_now(),
+        }
+    }
+
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        lock(&self.gate)
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.gate().phase
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.gate().phase = phase;
+        self.phase_tx.send_replace(phase);
+    }
+
+    /// Moves to `to` only from one of `from`; whether it did.
+    fn transition(&self, from: &[Phase], to: Phase) -> bool {
+        let mut gate = self.gate();
+        if !from.contains(&gate.phase) {
+            return false;
+        }
+        gate.phase = to;
+        drop(gate);
+        self.phase_tx.send_replace(to);
+        true
+    }
+
+    fn fail(&self, why: &str) {
+        *lock(&self.error) = Some(why.to_owned());
+    }
+
+    /// Marks the move as looked after by its driver.
+    pub fn touch(&self) {
+        *lock(&self.last_touch) = Instant::now();
+    }
+
+    pub fn status(&self) -> MoveStatus {
+        let log = lock(&self.log);
+        MoveStatus {
+            id: self.spec.id.clone(),
+            role: Role::Source,
+            range_start: self.spec.range_start.clone(),
+            range_end: self.spec.range_end.clone(),
+            source: self.spec.source,
+            target: self.spec.target,
+            epoch: self.spec.map.epoch,
+            phase: self.phase(),
+            copy_done: self.copy_done.load(Ordering::Relaxed),
+            keys_copied: self.keys_copied.load(Ordering::Relaxed),
+            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
+            writes_mirrored: self.writes_mirrored.load(Ordering::Relaxed),
+            lag: log.ops.len() as u64,
+            started_at: self.started_at,
+            error: lock(&self.error).clone(),
+        }
+    }
+
+    /// Admits a request for a key in the range: at once while copying,
+    /// after the fence otherwise (waiting at most until `deadline`).
+    pub async fn admit(&self, deadline: tokio::time::Instant) -> Result<Admission<'_>, ()> {
+        let mut changes = self.phase_tx.subscribe();
+        loop {
+            {
+                let mut gate = self.gate();
+                match gate.phase {
+                    Phase::Copying => {
+                        gate.inflight += 1;
+                        return Ok(Admission::Serve(Admitted { out: self }));
+                    }
+                    Phase::Fenced => {}
+                    _ => return Ok(Admission::Reroute),
+                }
+            }
+            changes.mark_unchanged();
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(());
+            }
+        }
+    }
+
+    /// Writers to the range wait while the target lags far behind, so the
+    /// tapped writes held here stay bounded.
+    pub async fn throttle(&self, deadline: tokio::time::Instant) -> Result<(), ()> {
+        loop {
+            let notified = self.log_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if lock(&self.log).bytes <= LOG_SOFT_BYTES {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(());
+            }
+        }
+    }
+
+    fn record(&self, phase: Phase) -> Result<Vec<u8>, ApiError> {
+        serde_json::to_vec(&Record {
+            spec: self.spec.clone(),
+            phase,
+        })
+        .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+}
+
+fn target_addr(spec: &MoveSpec) -> Result<String, ApiError> {
+    spec.target_shard().map(|s| s.addr.clone()).ok_or_else(|| {
+        ApiError::MoveRefused(format!(
+            "move {}: the new map lists no address for target shard {}",
+            spec.id, spec.target
+        ))
+    })
+}
+
+/// `POST /internal/v1/outgoing/start`: begins (or, for the same id, reports)
+/// a move away from this node.
+pub async fn start(node: &Arc<Node>, spec: MoveSpec) -> Result<MoveStatus, ApiError> {
+    if let Some(out) = node.outgoing.load_full() {
+        if out.spec.id == spec.id {
+            out.touch();
+            return Ok(out.status());
+        }
+        if !out.phase().is_final() {
+            return Err(ApiError::MoveRefused(format!(
+                "shard {} is already giving away {} (move {}, {}); one move at a time",
+                node.id(),
+                out.spec.range(),
+                out.spec.id,
+                out.phase().as_str()
+            )));
+        }
+    }
+    if spec.source != node.id() {
+        return Err(ApiError::MoveRefused(format!(
+            "move {} gives a range away from shard {}, but this is shard {}",
+            spec.id,
+            spec.source,
+            node.id()
+        )));
+    }
+    spec.check(&node.map_snapshot())
+        .map_err(ApiError::MoveRefused)?;
+    target_addr(&spec)?;
+    let store = node.store()?.clone();
+    let out = Arc::new(Outgoing::new(spec, Phase::Copying));
+    if let Some(state) = store.state() {
+        state.save(&[(OUTGOING_RECORD, Some(out.record(Phase::Copying)?))])?;
+    }
+    node.outgoing.store(Some(out.clone()));
+    // Writes applied before the tap are in the engine before the copy
+    // starts; every later one is tapped.
+    store.set_tap(Some(out.clone())).await?;
+    let span =
+        info_span!("move", id = %out.spec.id, range = %out.spec.range(), target = out.spec.target);
+    span.in_scope(|| info!("move started: copying"));
+    node.metrics.move_started();
+    tokio::spawn(run(node.clone(), out.clone()).instrument(span));
+    Ok(out.status())
+}
+
+/// The copy and the catch-up, side by side, until the move commits or
+/// ends; plus the watch for an abandoned move. A failure aborts a copying
+/// move; a fenced one is the commit's to decide (it lifts the fence when
+/// the tail cannot reach the target, and then this aborts).
+async fn run(node: Arc<Node>, out: Arc<Outgoing>) {
+    let mut phase = out.phase_tx.subscribe();
+    let copying = async {
+        copy(&node, &out).await?;
+        std::future::pending::<Result<(), String>>().await
+    };
+    let result = tokio::select! {
+        r = copying => r,
+        r = mirror(&node, &out) => r,
+        r = watchdog(&out) => r,
+        _ = phase.wait_for(|p| !matches!(p, Phase::Copying | Phase::Fenced)) => Ok(()),
+    };
+    if let Err(why) = result {
+        out.fail(&why);
+        let _ = phase.wait_for(|p| *p != Phase::Fenced).await;
+        if out.phase() == Phase::Copying {
+            abort(&node, &out, &why).await;
+        }
+    }
+}
+
+async fn watchdog(out: &Outgoing) -> Result<(), String> {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if out.phase() == Phase::Copying && lock(&out.last_touch).elapsed() > IDLE_ABORT {
+            return Err(format!(
+                "no driver asked about the move for {}s",
+                IDLE_ABORT.as_secs()
+            ));
+        }
+    }
+}
+
+/// Reads one page of the range, off the async workers when reads block.
+pub(crate) async fn read_page(
+    store: &Arc<dyn Store>,
+    span: &Span,
+    after: Option<String>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Page, ApiError> {
+    let scan = {
+        let (store, span) = (store.clone(), span.clone());
+        move || {
+            store.scan(&ScanRequest {
+                span: &span,
+                prefix: "",
+                after: after.as_deref(),
+                limit,
+                max_bytes,
+            })
+        }
+    };
+    let page = if store.reads_block() {
+        tokio::task::spawn_blocking(scan)
+            .await
+            .map_err(|e| ApiError::Internal(format!("scan task failed: {e}")))??
+    } else {
+        scan()?
+    };
+    Ok(page)
+}
+
+async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
+    let store = node.store().map_err(|e| e.to_string())?.clone();
+    let addr = target_addr(&out.spec).map_err(|e| e.to_string())?;
+    let mut after: Option<String> = None;
+    loop {
+        let page = read_page(
+            &store,
+            &out.span,
+            after.clone(),
+            COPY_PAGE_KEYS,
+            COPY_PAGE_BYTES,
+        )
+        .await
+        .map_err(|e| format!("cannot read the range: {e}"))?;
+        let keys = page.entries.len() as u64;
+        let bytes: u64 = page.entries.iter().map(|e| e.size() as u64).sum();
+        after = page.entries.last().map(|e| e.key.clone());
+        let last = !page.more;
+        let batch = Batch {
+            kind: BatchKind::Copy,
+            first_seq: 0,
+            last,
+            entries: page.entries.into_iter().map(BatchEntry::from).collect(),
+        };
+        node.peers
+            .send_batch(&addr, &out.spec.id, &batch)
+            .await
+            .map_err(|e| {
+                format!(
+                    "target shard {} did not take a page of the copy: {e}",
+                    out.spec.target
+                )
+            })?;
+        out.keys_copied.fetch_add(keys, Ordering::Relaxed);
+        out.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+        node.metrics.moved(keys, bytes);
+        if last {
+            out.copy_done.store(true, Ordering::Relaxed);
+            info!(
+                keys = out.keys_copied.load(Ordering::Relaxed),
+                "copy done; catching up"
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// Sends tapped writes, in order, as they come; returns only on failure.
+async fn mirror(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
+    let addr = target_addr(&out.spec).map_err(|e| e.to_string())?;
+    loop {
+        let notified = out.log_changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (first_seq, ops) = {
+            let log = lock(&out.log);
+            if log.overflow {
+                return Err("the target fell too far behind the writes to the range".into());
+            }
+            let mut bytes = 0;
+            let ops: Vec<BatchEntry> = log
+                .ops
+                .iter()
+                .take_while(|op| {
+                    bytes += op.size();
+                    bytes <= WRITES_PAGE_BYTES
+                })
+                .take(WRITES_PAGE_KEYS)
+                .map(BatchEntry::from)
+                .collect();
+            // One write larger than a page still goes, alone.
+            let ops = if ops.is_empty() {
+                log.ops.front().map(BatchEntry::from).into_iter().collect()
+            } else {
+                ops
+            };
+            (log.first_seq, ops)
+        };
+        if ops.is_empty() {
+            notified.await;
+            continue;
+        }
+        let n = ops.len();
+        let batch = Batch {
+            kind: BatchKind::Writes,
+            first_seq,
+            last: false,
+            entries: ops,
+        };
+        node.peers
+            .send_batch(&addr, &out.spec.id, &batch)
+            .await
+            .map_err(|e| {
+                format!(
+                    "target shard {} did not take the writes to the range: {e}",
+                    out.spec.target
+                )
+            })?;
+        {
+            let mut log = lock(&out.log);
+            for _ in 0..n {
+                if let Some(op) = log.ops.pop_front() {
+                    log.bytes -= op.size();
+                }
+            }
+            log.first_seq += n as u64;
+        }
+        out.writes_mirrored.fetch_add(n as u64, Ordering::Relaxed);
+        out.log_changed.notify_waiters();
+    }
+}
+
+/// Gives up a move before its commit: the source keeps the range.
+pub(crate) async fn abort(node: &Arc<Node>, out: &Arc<Outgoing>, why: &str) {
+    if !out.transition(&[Phase::Copying, Phase::Fenced], Phase::Aborted) {
+        return;
+    }
+    warn!(id = %out.spec.id, reason = why, "move aborted; the range stays here");
+    out.fail(why);
+    if let Ok(store) = node.store() {
+        let _ = store.set_tap(None).await;
+        if let Some(state) = store.state()
+            && let Err(e) = state.save(&[(OUTGOING_RECORD, None)])
+        {
+            warn!(error = %e, "cannot clear the move record");
+        }
+    }
+    node.metrics.move_ended("aborted");
+    if let Ok(addr) = target_addr(&out.spec)
+        && let Err(e) = node.peers.abort_target(&addr, &out.spec.id).await
+    {
+        warn!(error = %e, "could not tell the target the move is off");
+    }
+}
+
+/// `POST /internal/v1/outgoing/{id}/abort`: the driver gives the move up.
+pub async fn abort_by_driver(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> {
+    let out = find(node, id)?;
+    if out.phase().is_committed() {
+        return Err(ApiError::MoveRefused(format!(
+            "move {id} has committed; it can only finish"
+        )));
+    }
+    abort(node, &out, "aborted by the driver").await;
+    Ok(out.status())
+}
+
+fn find(node: &Node, id: &str) -> Result<Arc<Outgoing>, ApiError> {
+    node.outgoing
+        .load_full()
+        .filter(|o| o.spec.id == id)
+        .ok_or_else(|| {
+            ApiError::MoveNotFound(format!(
+                "shard {} gives no range away as move {id}",
+                node.id()
+            ))
+        })
+}
+
+/// `GET /internal/v1/outgoing/{id}`: the move as the source sees it.
+pub fn status(node: &Node, id: &str) -> Result<MoveStatus, ApiError> {
+    let out = find(node, id)?;
+    out.touch();
+    Ok(out.status())
+}
+
+/// `POST /internal/v1/outgoing/{id}/commit`: fence, send the tail, have the
+/// target commit, then switch to the new map and let the held requests go.
+/// Idempotent: a committed move answers at once.
+pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> {
+    let out = find(node, id)?;
+    out.touch();
+    match out.phase() {
+        p if p.is_committed() => return Ok(out.status()),
+        Phase::Aborted => {
+            return Err(ApiError::MoveRefused(format!(
+                "move {id} was aborted: {}",
+                lock(&out.error).clone().unwrap_or_default()
+            )));
+        }
+        Phase::Fenced => return resolve(node, &out).await.map(|()| out.status()),
+        _ => {}
+    }
+    if !out.copy_done.load(Ordering::Relaxed) {
+        return Err(ApiError::MoveRefused(format!(
+            "move {id} is still copying ({} keys so far); commit once the copy is done",
+            out.keys_copied.load(Ordering::Relaxed)
+        )));
+    }
+    let store = node.store()?.clone();
+    let fence_limit = node.settings.fence_timeout;
+    // Persisted first: a source that restarts fenced asks the target.
+    if let Some(state) = store.state() {
+        state.save(&[(OUTGOING_RECORD, Some(out.record(Phase::Fenced)?))])?;
+    }
+    let fenced_at = Instant::now();
+    if !out.transition(&[Phase::Copying], Phase::Fenced) {
+        return Err(ApiError::MoveRefused(format!(
+            "move {id} is {}, it cannot commit",
+            out.phase().as_str()
+        )));
+    }
+    info!(id, "fenced: requests for the range wait");
+    let drained = tokio::time::timeout(fence_limit, async {
+        // Requests admitted before the fence finish...
+        loop {
+            let idle = out.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if out.gate().inflight == 0 {
+                break;
+            }
+            idle.await;
+        }
+        // ...their writes are applied (and tapped)...
+        store.barrier().await?;
+        // ...and every tapped write reached the target.
+        loop {
+            let changed = out.log_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if lock(&out.log).ops.is_empty() {
+                return Ok::<(), crate::store::StoreError>(());
+            }
+            changed.await;
+        }
+    })
+    .await;
+    match drained {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            unfence(&store, &out)?;
+            return Err(e.into());
+        }
+        Err(_) => {
+            unfence(&store, &out)?;
+            return Err(ApiError::MoveRefused(format!(
+                "move {id}: the writes to the range did not reach the target within {fence_limit:?}; the fence is lifted, try again"
+            )));
+        }
+    }
+    if out.phase() != Phase::Fenced {
+        return Err(ApiError::MoveRefused(format!(
+            "move {id} ended while fencing: {}",
+            lock(&out.error).clone().unwrap_or_default()
+        )));
+    }
+    let writes = lock(&out.log).first_seq;
+    let addr = target_addr(&out.spec)?;
+    let asked = node
+        .peers
+        .commit_target(
+            &addr,
+            id,
+            &CommitRequest {
+                writes,
+                copy_done: true,
+            },
+        )
+        .await;
+    match asked {
+        Ok(()) => finish(node, &out).await?,
+        Err(e) if e.is_refusal() => {
+            let why = format!("the target refused to commit: {e}");
+            abort(node, &out, &why).await;
+            return Err(ApiError::MoveRefused(format!("move {id}: {why}")));
+        }
+        // No answer: the target may or may not have committed.
+        Err(e) => {
+            warn!(id, error = %e, "no answer to the commit; asking the target how it ended");
+            resolve(node, &out).await?;
+        }
+    }
+    node.metrics.fence(fenced_at.elapsed());
+    Ok(out.status())
+}
+
+fn unfence(store: &Arc<dyn Store>, out: &Outgoing) -> Result<(), ApiError> {
+    if out.phase() != Phase::Fenced {
+        return Ok(());
+    }
+    if let Some(state) = store.state() {
+        state.save(&[(OUTGOING_RECORD, Some(out.record(Phase::Copying)?))])?;
+    }
+    out.transition(&[Phase::Fenced], Phase::Copying);
+    Ok(())
+}
+
+/// A fenced source that does not know how the commit ended asks the
+/// target: committed rolls forward, anything else aborts. Unreachable
+/// keeps the fence (requests for the range wait, then get 503).
+async fn resolve(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), ApiError> {
+    let addr = target_addr(&out.spec)?;
+    match node.peers.outcome(&addr, &out.spec.id).await {
+        Ok(Outcome::Committed) => finish(node, out).await,
+        Ok(Outcome::Receiving | Outcome::Unknown) => {
+            abort(node, out, "the target did not commit").await;
+            Err(ApiError::MoveRefused(format!(
+                "move {}: the target did not commit; aborted, the range stays on shard {}",
+                out.spec.id, out.spec.source
+            )))
+        }
+        Err(e) => Err(ApiError::Peer {
+            shard: out.spec.target,
+            addr,
+            source: e,
+        }),
+    }
+}
+
+/// After the target committed: persist and switch to the new map, let the
+/// held requests go (to the target now), then clean up in the background.
+async fn finish(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), ApiError> {
+    let store = node.store()?.clone();
+    let map = out.spec.map.clone();
+    if node.map().epoch < map.epoch {
+        node.persist_map(
+            &map,
+            &[(OUTGOING_RECORD, Some(out.record(Phase::Committed)?))],
+        )?;
+        node.set_map(map);
+    }
+    out.set_phase(Phase::Committed);
+    info!(id = %out.spec.id, epoch = out.spec.map.epoch, "committed: the target owns the range");
+    node.metrics.move_ended("committed");
+    let _ = store.set_tap(None).await;
+    tokio::spawn(clean_up(node.clone(), out.clone()));
+    Ok(())
+}
+
+/// Deletes the range's keys here, then forgets the move.
+async fn clean_up(node: Arc<Node>, out: Arc<Outgoing>) {
+    out.set_phase(Phase::CleaningUp);
+    let Ok(store) = node.store().cloned() else {
+        return;
+    };
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match delete_span(&store, &out.span).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(id = %out.spec.id, error = %e, "cleaning up the moved range failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    if let Some(state) = store.state()
+        && let Err(e) = state.save(&[(OUTGOING_RECORD, None)])
+    {
+        warn!(error = %e, "cannot clear the move record");
+    }
+    out.set_phase(Phase::Done);
+    info!(id = %out.spec.id, "moved range cleaned up");
+}
+
+/// Deletes every key of `span`, a page at a time.
+pub(crate) async fn delete_span(store: &Arc<dyn Store>, span: &Span) -> Result<(), ApiError> {
+    loop {
+        let page = read_page(store, span, None, COPY_PAGE_KEYS, COPY_PAGE_BYTES).await?;
+        if page.entries.is_empty() {
+            return Ok(());
+        }
+        let ops = page
+            .entries
+            .into_iter()
+            .map(|e| WriteOp::Delete(e.key))
+            .collect();
+        store.write(ops).await?;
+    }
+}
+
+/// On start, what a durable source recorded: a copy in progress is
+/// aborted, a fenced move asks its target, a committed one is cleaned up.
+pub(crate) async fn resume(node: &Arc<Node>) -> Result<(), ApiError> {
+    let store = node.store()?.clone();
+    let Some(state) = store.state() else {
+        return Ok(());
+    };
+    let Some(raw) = state.load(OUTGOING_RECORD)? else {
+        return Ok(());
+    };
+    let record: Record = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::Internal(format!("the move record is corrupt: {e}")))?;
+    let out = Arc::new(Outgoing::new(record.spec, record.phase));
+    node.outgoing.store(Some(out.clone()));
+    match record.phase {
+        Phase::Copying => {
+            info!(id = %out.spec.id, "restarted while copying: aborting the move");
+            abort(node, &out, "the source restarted during the copy").await;
+        }
+        Phase::Fenced => {
+            info!(id = %out.spec.id, "restarted fenced: asking the target how the move ended");
+            let (node, out) = (node.clone(), out.clone());
+            tokio::spawn(async move {
+                let mut wait = Duration::from_millis(200);
+                while out.phase() == Phase::Fenced {
+                    match resolve(&node, &out).await {
+                        Ok(()) => break,
+                        Err(e) if out.phase() != Phase::Fenced => {
+                            info!(error = %e, "move resolved");
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot resolve the move yet; the range stays fenced");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            });
+        }
+        _ => {
+            if node.map().epoch < out.spec.map.epoch {
+                node.set_map(out.spec.map.clone());
+            }
+            tokio::spawn(clean_up(node.clone(), out));
+        }
+    }
+    Ok(())
+}

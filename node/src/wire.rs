@@ -1,0 +1,190 @@
+//! What travels between nodes and clients besides keys and values: header
+//! names, the error body, the `/cluster` view, and the one way keys and
+//! query parameters are decoded.
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ShardConfig;
+
+/// Marks a request as proxied by another shard; the value is the sender's
+/// shard id. A receiver that does not own the key answers 421 instead of
+/// forwarding, so nodes whose maps disagree cannot bounce a request.
+pub const FORWARDED_HEADER: &str = "x-cavi-forwarded";
+
+/// Names one request across every node it touches; taken from the client
+/// or made up by the first node, and passed along on every hop.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The epoch of the sender's shard map, on forwarded requests and on every
+/// 421, so whoever is behind can tell and refresh.
+pub const EPOCH_HEADER: &str = "x-cavi-epoch";
+
+/// Header on a partial search answer, naming the shards that are missing.
+pub const PARTIAL_HEADER: &str = "x-cavi-partial";
+
+/// Header on a search answer that stopped early: pass its value back as
+/// `cursor` to continue where it stopped.
+pub const NEXT_CURSOR_HEADER: &str = "x-cavi-next-cursor";
+
+/// Everything but unreserved characters is escaped, `/` and `+` included:
+/// a key is then one path segment, and no decoder can mistake a `+` for a
+/// space.
+pub const URL_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// A sentence for people.
+    pub error: String,
+    /// A stable snake_case code for programs.
+    pub code: String,
+    /// On `421 misdirected`: the epoch of the answering node's map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// On `421 misdirected`: who owns the key in the answering node's map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// A shard as an owner of a key: its id and address.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Owner {
+    pub id: u32,
+    pub addr: String,
+}
+
+/// What `/cluster` reports: this node and the live map as it sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The shard this node serves.
+    pub shard_id: u32,
+    /// Whether the map gives this node any keys. A node started with an id
+    /// its config does not list owns nothing until a range moves to it.
+    #[serde(default = "yes")]
+    pub assigned: bool,
+    /// The map's epoch: grows with every committed change.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Keys held by this node (exact).
+    pub keys: u64,
+    /// Key and value bytes held by this node (exact).
+    #[serde(default)]
+    pub bytes: u64,
+    /// The live map: owned ranges in key order. Mid-reshard a shard may
+    /// appear more than once.
+    pub shards: Vec<ShardConfig>,
+    /// Range moves this node takes part in, as source or target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<crate::moves::MoveStatus>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why a key or a query parameter could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(pub String);
+
+/// Percent-decodes one URL component exactly once. `+` stays `+` (form
+/// encoding is not spoken here), and bytes that are not UTF-8 once
+/// decoded are refused rather than replaced, so two different encodings
+/// can never name the same key.
+pub fn decode_component(raw: &str) -> Result<String, DecodeError> {
+    let bytes: Vec<u8> = percent_decode_str(raw).collect();
+    String::from_utf8(bytes).map_err(|_| {
+        DecodeError(format!(
+            "{raw:?} does not decode to UTF-8 (keys and parameters are UTF-8, percent-encoded)"
+        ))
+    })
+}
+
+/// The parameters of a query string, each decoded by
+/// [`decode_component`], in order.
+pub fn parse_query(query: &str) -> Result<Vec<(String, String)>, DecodeError> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode_component(name)?, decode_component(value)?))
+        })
+        .collect()
+}
+
+/// A search cursor: the last key of a page, opaque to clients (hex).
+pub fn encode_cursor(last_key: &str) -> String {
+    let mut hex = String::with_capacity(2 + last_key.len() * 2);
+    hex.push_str("k1");
+    for b in last_key.as_bytes() {
+        hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        hex.push(char::from(b"0123456789abcdef"[usize::from(b & 0xf)]));
+    }
+    hex
+}
+
+/// The key a cursor continues after, if it is one this node wrote.
+pub fn decode_cursor(cursor: &str) -> Option<String> {
+    let hex = cursor.strip_prefix("k1")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = hex
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()
+        })
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn components_decode_once_and_plus_stays_plus() {
+        assert_eq!(decode_component("a+b").unwrap(), "a+b");
+        assert_eq!(decode_component("a%2Bb").unwrap(), "a+b");
+        assert_eq!(decode_component("q%2520x").unwrap(), "q%20x");
+        assert_eq!(decode_component("%C3%A9").unwrap(), "é");
+        // Invalid UTF-8 is refused, so %FE and %FF cannot both become U+FFFD.
+        assert!(decode_component("%FE").is_err());
+        assert!(decode_component("%FF").is_err());
+        assert!(decode_component("%C3").is_err());
+    }
+
+    #[test]
+    fn queries_split_then_decode() {
+        let q = parse_query("key=a%26b%3Dc&prefix=x+y&flag").unwrap();
+        assert_eq!(
+            q,
+            vec![
+                ("key".into(), "a&b=c".into()),
+                ("prefix".into(), "x+y".into()),
+                ("flag".into(), String::new())
+            ]
+        );
+        assert!(parse_query("key=%FF").is_err());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        for key in ["", "a", "é/ü?", "\u{10ffff}"] {
+            assert_eq!(decode_cursor(&encode_cursor(key)).as_deref(), Some(key));
+        }
+        assert_eq!(decode_cursor("zz"), None);
+        assert_eq!(decode_cursor("k1f"), None);
+        assert_eq!(decode_cursor("k1ff"), None);
+        assert_eq!(decode_cursor("k1zz"), None);
+    }
+}

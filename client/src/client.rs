@@ -7,11 +7,15 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde::Serialize;
 
+use cavi_node::keyspace::KeyRange;
+use cavi_node::moves::{LockRequest, LockState, MoveSpec, MoveStatus};
 use cavi_node::peers::transport_cause;
 use cavi_node::search::SearchParams;
-use cavi_node::wire::{ClusterView, ErrorBody, PARTIAL_HEADER, URL_ESCAPE};
+use cavi_node::shard_map::ShardMap;
+use cavi_node::wire::{ClusterView, ErrorBody, NEXT_CURSOR_HEADER, PARTIAL_HEADER, URL_ESCAPE};
 
 use crate::error::ClientError;
+use crate::routing::Op;
 
 /// Where `cavi` looks for a node when neither `--endpoint` nor
 /// `CAVI_ENDPOINT` says otherwise: the first shard of the local quick start.
@@ -20,13 +24,16 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:3100";
 /// One stored pair, as `/search` lists them: the node's own type.
 pub use cavi_node::store::Entry;
 
-/// The answer to a search.
+/// The answer to a search (one page of it, when it carries a cursor).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SearchAnswer {
     pub entries: Vec<Entry>,
     /// The shards missing from a partial answer (`x-cavi-partial`), as the
     /// node named them; `None` when the answer is complete.
     pub missing: Option<String>,
+    /// Where the next page starts (`x-cavi-next-cursor`), when the answer
+    /// stopped early.
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -65,6 +72,11 @@ impl Client {
         &self.base
     }
 
+    /// The longest wait for one answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// A client for another node, given its advertised `host:port`, sharing
     /// this client's connections and waiting at most `timeout`.
     pub fn for_addr(&self, addr: &str, timeout: Duration) -> Self {
@@ -89,52 +101,72 @@ impl Client {
 
     /// The value of `key`; a missing key is the server's `404` sentence.
     pub async fn get(&self, key: &str) -> Result<String, ClientError> {
-        let (_, body) = self.send(self.http.get(self.key_url(key))).await?;
+        let (_, body) = self.kv(key, Op::Get).await?;
         self.parse(&body)
     }
 
     pub async fn put(&self, key: &str, value: &str) -> Result<(), ClientError> {
-        let body = serde_json::to_vec(&PutRequest { value }).map_err(|e| {
-            ClientError::Input(format!("cannot encode the value of {key:?} as JSON: {e}"))
-        })?;
-        let request = self
-            .http
-            .put(self.key_url(key))
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        self.send(request).await.map(drop)
+        self.kv(key, Op::Put(value)).await.map(drop)
     }
 
     /// Deletes `key`; deleting a missing key succeeds.
     pub async fn delete(&self, key: &str) -> Result<(), ClientError> {
-        self.send(self.http.delete(self.key_url(key)))
-            .await
-            .map(drop)
+        self.kv(key, Op::Delete).await.map(drop)
     }
 
-    /// Every pair whose key starts with `prefix`, sorted by key, from every
-    /// shard. With `partial`, shards that fail are left out and named in
-    /// [`SearchAnswer::missing`] instead of failing the search.
+    /// One key operation; the answer's headers and body.
+    pub(crate) async fn kv(
+        &self,
+        key: &str,
+        op: Op<'_>,
+    ) -> Result<(HeaderMap, Vec<u8>), ClientError> {
+        let url = self.key_url(key);
+        let request = match op {
+            Op::Get => self.http.get(url),
+            Op::Delete => self.http.delete(url),
+            Op::Put(value) => {
+                let body = serde_json::to_vec(&PutRequest { value }).map_err(|e| {
+                    ClientError::Input(format!("cannot encode the value of {key:?} as JSON: {e}"))
+                })?;
+                self.http
+                    .put(url)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body)
+            }
+        };
+        self.send(request).await
+    }
+
+    /// One page of the pairs whose key starts with `prefix`, sorted by
+    /// key, from every shard: at most `limit` (and at most what the node's
+    /// page budget holds), continuing after `cursor`. With `partial`,
+    /// shards that fail are left out and named in [`SearchAnswer::missing`]
+    /// instead of failing the search.
     pub async fn search(
         &self,
         prefix: &str,
         limit: Option<usize>,
         partial: bool,
+        cursor: Option<String>,
     ) -> Result<SearchAnswer, ClientError> {
         let params = SearchParams {
             prefix: prefix.to_owned(),
             limit,
             partial,
+            cursor,
             ..SearchParams::default()
         };
         let url = format!("{}/search?{}", self.base, params.to_query());
         let (headers, body) = self.send(self.http.get(url)).await?;
-        let missing = headers
-            .get(PARTIAL_HEADER)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
         Ok(SearchAnswer {
             entries: self.parse(&body)?,
-            missing,
+            missing: header(PARTIAL_HEADER),
+            next_cursor: header(NEXT_CURSOR_HEADER),
         })
     }
 
@@ -143,6 +175,109 @@ impl Client {
         let (_, body) = self
             .send(self.http.get(format!("{}/cluster", self.base)))
             .await?;
+        self.parse(&body)
+    }
+
+    /// The node's live map.
+    pub async fn map(&self) -> Result<ShardMap, ClientError> {
+        self.get_json("/internal/v1/map").await
+    }
+
+    /// Offers the node a newer map; answers with the map it holds after.
+    pub async fn publish(&self, map: &ShardMap) -> Result<ShardMap, ClientError> {
+        let request = json(self.http.put(format!("{}/internal/v1/map", self.base)), map)?;
+        let (_, body) = self.send(request).await?;
+        self.parse(&body)
+    }
+
+    /// The moves the node takes part in.
+    pub async fn moves(&self) -> Result<Vec<MoveStatus>, ClientError> {
+        self.get_json("/internal/v1/moves").await
+    }
+
+    /// How many keys the node holds in `range`, owned or not.
+    pub async fn count(&self, range: &KeyRange) -> Result<u64, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Count {
+            keys: u64,
+        }
+        let mut path = format!(
+            "/internal/v1/count?range_start={}",
+            utf8_percent_encode(&range.start, URL_ESCAPE)
+        );
+        if let Some(end) = &range.end {
+            path.push_str("&range_end=");
+            path.extend(utf8_percent_encode(end, URL_ESCAPE));
+        }
+        self.get_json::<Count>(&path).await.map(|c| c.keys)
+    }
+
+    /// Takes or renews the move lock for `owner`.
+    pub async fn lock(&self, owner: &str, ttl: Duration) -> Result<LockState, ClientError> {
+        let req = LockRequest {
+            owner: owner.to_owned(),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        };
+        self.post_json("/internal/v1/lock", &req).await
+    }
+
+    /// Releases the move lock if `owner` holds it.
+    pub async fn unlock(&self, owner: &str) -> Result<(), ClientError> {
+        let url = format!(
+            "{}/internal/v1/lock?owner={}",
+            self.base,
+            utf8_percent_encode(owner, URL_ESCAPE)
+        );
+        self.send(self.http.delete(url)).await.map(drop)
+    }
+
+    /// Asks a move's target to take the range.
+    pub async fn prepare(&self, spec: &MoveSpec) -> Result<MoveStatus, ClientError> {
+        self.post_json("/internal/v1/incoming/prepare", spec).await
+    }
+
+    /// Asks a move's source to start sending the range.
+    pub async fn start_move(&self, spec: &MoveSpec) -> Result<MoveStatus, ClientError> {
+        self.post_json("/internal/v1/outgoing/start", spec).await
+    }
+
+    /// The move as its source sees it.
+    pub async fn outgoing(&self, id: &str) -> Result<MoveStatus, ClientError> {
+        self.get_json(&format!("/internal/v1/outgoing/{id}")).await
+    }
+
+    /// Asks a move's source to fence and commit.
+    pub async fn commit_move(&self, id: &str) -> Result<MoveStatus, ClientError> {
+        self.post_json(&format!("/internal/v1/outgoing/{id}/commit"), &())
+            .await
+    }
+
+    /// Gives a move up on its source.
+    pub async fn abort_outgoing(&self, id: &str) -> Result<MoveStatus, ClientError> {
+        self.post_json(&format!("/internal/v1/outgoing/{id}/abort"), &())
+            .await
+    }
+
+    /// Gives a move up on its target.
+    pub async fn abort_incoming(&self, id: &str) -> Result<(), ClientError> {
+        let url = format!("{}/internal/v1/incoming/{id}/abort", self.base);
+        self.send(self.http.post(url)).await.map(drop)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (_, body) = self
+            .send(self.http.get(format!("{}{path}", self.base)))
+            .await?;
+        self.parse(&body)
+    }
+
+    async fn post_json<T: serde::de::DeserializeOwned, B: serde::Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let request = json(self.http.post(format!("{}{path}", self.base)), body)?;
+        let (_, body) = self.send(request).await?;
         self.parse(&body)
     }
 
@@ -188,14 +323,18 @@ impl Client {
 
     fn server_error(&self, status: StatusCode, body: &[u8]) -> ClientError {
         match serde_json::from_slice::<ErrorBody>(body) {
-            Ok(ErrorBody { error, code, .. }) => ClientError::Server {
+            Ok(ErrorBody {
+                error, code, epoch, ..
+            }) => ClientError::Server {
                 status: status.as_u16(),
                 code,
                 sentence: error,
+                epoch,
             },
             Err(_) => ClientError::Server {
                 status: status.as_u16(),
                 code: String::new(),
+                epoch: None,
                 sentence: if body.is_empty() {
                     format!("{} answered {status}", self.base)
                 } else {
@@ -216,6 +355,16 @@ impl Client {
             reason,
         }
     }
+}
+
+/// A request with a JSON body.
+fn json<B: serde::Serialize + ?Sized>(
+    request: reqwest::RequestBuilder,
+    body: &B,
+) -> Result<reqwest::RequestBuilder, ClientError> {
+    let bytes = serde_json::to_vec(body)
+        .map_err(|e| ClientError::Input(format!("cannot encode a request as JSON: {e}")))?;
+    Ok(request.header(CONTENT_TYPE, "application/json").body(bytes))
 }
 
 /// `http://host:port` without a trailing `/`; a bare `host:port` gets

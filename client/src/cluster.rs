@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::table::{Table, range_label};
 use crate::{Client, ClientError};
 use cavi_node::config::ShardConfig;
+use cavi_node::moves::{MoveStatus, Role};
 
 /// How long each shard has to answer its two probes.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,11 +71,20 @@ struct ShardJson<'a> {
     keys: Option<u64>,
 }
 
+/// What `cavi cluster` shows: the map's epoch, every range with its shard
+/// probed directly, and the range moves under way.
+#[derive(Debug, Clone)]
+pub struct ClusterReport {
+    pub epoch: u64,
+    pub shards: Vec<ShardStatus>,
+    pub moves: Vec<MoveStatus>,
+}
+
 /// The shard map as `client`'s node sees it, each shard probed directly.
 pub async fn cluster_status(
     client: &Client,
     probe_timeout: Duration,
-) -> Result<Vec<ShardStatus>, ClientError> {
+) -> Result<ClusterReport, ClientError> {
     let view = client.cluster().await?;
     let probes: Vec<_> = view
         .shards
@@ -84,43 +94,78 @@ pub async fn cluster_status(
             tokio::spawn(probe(node, shard))
         })
         .collect();
-    let mut statuses = Vec::with_capacity(probes.len());
+    let mut shards = Vec::with_capacity(probes.len());
+    let mut moves: Vec<MoveStatus> = Vec::new();
     for probe in probes {
-        let status = probe.await.map_err(|e| ClientError::BadResponse {
+        let (status, seen) = probe.await.map_err(|e| ClientError::BadResponse {
             endpoint: client.endpoint().to_owned(),
             detail: format!("a shard probe failed: {e}"),
         })?;
-        statuses.push(status);
+        for m in seen {
+            if m.role == Role::Source && !m.phase.is_final() && !moves.iter().any(|k| k.id == m.id)
+            {
+                moves.push(m);
+            }
+        }
+        shards.push(status);
     }
-    Ok(statuses)
+    Ok(ClusterReport {
+        epoch: view.epoch,
+        shards,
+        moves,
+    })
 }
 
-async fn probe(node: Client, shard: ShardConfig) -> ShardStatus {
+async fn probe(node: Client, shard: ShardConfig) -> (ShardStatus, Vec<MoveStatus>) {
     let (view, ready) = tokio::join!(node.cluster(), node.ready());
     let mut health = match ready {
         Ok(()) => Health::Ready,
         Err(ClientError::Unreachable { reason, .. }) => Health::Unreachable(reason),
         Err(e) => Health::NotReady(e.to_string()),
     };
-    let keys = match view {
+    let (keys, moves) = match view {
         Ok(view) if view.shard_id != shard.id => {
             health = Health::WrongShard(view.shard_id);
-            None
+            (None, Vec::new())
         }
-        Ok(view) => Some(view.keys),
-        Err(_) => None,
+        Ok(view) => (Some(view.keys), view.moves),
+        Err(_) => (None, Vec::new()),
     };
-    ShardStatus {
-        shard,
-        health,
-        keys,
-    }
+    (
+        ShardStatus {
+            shard,
+            health,
+            keys,
+        },
+        moves,
+    )
 }
 
-/// The table: shard, range, address, health, keys (`-` when unknown).
-pub fn render_table(statuses: &[ShardStatus]) -> String {
+/// One line per move under way.
+pub fn move_lines(report: &ClusterReport) -> Vec<String> {
+    report
+        .moves
+        .iter()
+        .map(|m| {
+            format!(
+                "moving {} from shard {} to shard {} (epoch {}): {}, {} keys ({}) copied",
+                range_label(&m.range_start, m.range_end.as_deref()),
+                m.source,
+                m.target,
+                m.epoch,
+                m.phase.as_str(),
+                m.keys_copied,
+                crate::reshard::driver::bytes(m.bytes_copied)
+            )
+        })
+        .collect()
+}
+
+/// The table: shard, range, address, health, keys (`-` when unknown),
+/// then the epoch and the moves under way.
+pub fn render_table(report: &ClusterReport) -> String {
     let mut table = Table::new(["SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS"]);
-    for s in statuses {
+    for s in &report.shards {
         table.push([
             s.shard.id.to_string(),
             range_label(&s.shard.range_start, s.shard.range_end.as_deref()),
@@ -129,12 +174,19 @@ pub fn render_table(statuses: &[ShardStatus]) -> String {
             s.keys.map_or_else(|| "-".to_owned(), |k| k.to_string()),
         ]);
     }
-    table.render()
+    let mut out = table.render();
+    out.push_str(&format!("map epoch {}\n", report.epoch));
+    for line in move_lines(report) {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
 }
 
-/// A JSON array, one object per shard.
-pub fn render_json(statuses: &[ShardStatus]) -> Result<String, ClientError> {
-    let rows: Vec<ShardJson<'_>> = statuses
+/// A JSON object: the epoch, one object per shard, the moves under way.
+pub fn render_json(report: &ClusterReport) -> Result<String, ClientError> {
+    let rows: Vec<ShardJson<'_>> = report
+        .shards
         .iter()
         .map(|s| ShardJson {
             id: s.shard.id,
@@ -147,12 +199,18 @@ pub fn render_json(statuses: &[ShardStatus]) -> Result<String, ClientError> {
             keys: s.keys,
         })
         .collect();
-    serde_json::to_string_pretty(&rows).map_err(|e| ClientError::Output(e.to_string()))
+    let json = serde_json::json!({
+        "epoch": report.epoch,
+        "shards": rows,
+        "moves": report.moves,
+    });
+    serde_json::to_string_pretty(&json).map_err(|e| ClientError::Output(e.to_string()))
 }
 
 /// Lines for stderr explaining the shards that were not ready, and a hint
 /// when some did not answer at all.
-pub fn notes(statuses: &[ShardStatus]) -> Vec<String> {
+pub fn notes(report: &ClusterReport) -> Vec<String> {
+    let statuses = &report.shards;
     let mut notes: Vec<String> = statuses
         .iter()
         .filter_map(|s| {
@@ -207,9 +265,32 @@ mod tests {
         };
         let expected = line("SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS")
             + &line("0", "(lowest)..m*", "demo-0.demo:3100", "ready", "12")
-            + &line("1", "n..(highest)", "demo-1.demo:3100", "unreachable", "-");
-        assert_eq!(render_table(&rows), expected);
-        let notes = notes(&rows);
+            + &line("1", "n..(highest)", "demo-1.demo:3100", "unreachable", "-")
+            + "map epoch 3\n"
+            + "moving g..m* from shard 0 to shard 2 (epoch 4): copying, 10 keys (1 kB) copied\n";
+        let report = ClusterReport {
+            epoch: 3,
+            shards: rows.to_vec(),
+            moves: vec![MoveStatus {
+                id: "m4".into(),
+                role: Role::Source,
+                range_start: "g".into(),
+                range_end: Some("m".into()),
+                source: 0,
+                target: 2,
+                epoch: 4,
+                phase: cavi_node::moves::Phase::Copying,
+                copy_done: false,
+                keys_copied: 10,
+                bytes_copied: 1000,
+                writes_mirrored: 0,
+                lag: 0,
+                started_at: 0,
+                error: None,
+            }],
+        };
+        assert_eq!(render_table(&report), expected);
+        let notes = notes(&report);
         assert_eq!(notes.len(), 2);
         assert!(notes[0].contains("shard 1 at demo-1.demo:3100: connection refused"));
         assert!(notes[1].contains("cluster-internal"));
@@ -217,13 +298,19 @@ mod tests {
 
     #[test]
     fn json_has_null_keys_for_a_silent_shard() {
-        let rows = [status(1, None, Health::WrongShard(4), None)];
+        let report = ClusterReport {
+            epoch: 9,
+            shards: vec![status(1, None, Health::WrongShard(4), None)],
+            moves: Vec::new(),
+        };
         let json: serde_json::Value =
-            serde_json::from_str(&render_json(&rows).expect("json")).expect("valid json");
-        assert_eq!(json[0]["health"], "wrong shard");
-        assert_eq!(json[0]["keys"], serde_json::Value::Null);
-        assert_eq!(json[0]["range_end"], serde_json::Value::Null);
-        assert_eq!(json[0]["range"], "n..(highest)");
-        assert_eq!(json[0]["detail"], "this address serves shard 4");
+            serde_json::from_str(&render_json(&report).expect("json")).expect("valid json");
+        assert_eq!(json["epoch"], 9);
+        let shard = &json["shards"][0];
+        assert_eq!(shard["health"], "wrong shard");
+        assert_eq!(shard["keys"], serde_json::Value::Null);
+        assert_eq!(shard["range_end"], serde_json::Value::Null);
+        assert_eq!(shard["range"], "n..(highest)");
+        assert_eq!(shard["detail"], "this address serves shard 4");
     }
 }

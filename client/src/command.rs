@@ -6,11 +6,17 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use std::sync::Arc;
+
+use cavi_node::config::ClusterConfig;
+use cavi_node::settings::parse_duration;
+
 use crate::cluster::{self, PROBE_TIMEOUT};
 use crate::load::{self, DEFAULT_CONCURRENCY, Format, Progress, Records};
+use crate::reshard::{self, Driver};
+use crate::routing::Router;
 use crate::table::Table;
 use crate::{Client, ClientError, DEFAULT_ENDPOINT};
-use cavi_node::settings::parse_duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +47,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "CAVI_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 
+    /// Send every request to the endpoint (which forwards it) instead of
+    /// straight to the key's owner: for a `kubectl port-forward`, where the
+    /// shards' own addresses do not resolve.
+    #[arg(long, global = true, env = "CAVI_NO_ROUTING")]
+    pub no_routing: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -60,7 +72,8 @@ pub enum Command {
     /// Delete KEY; deleting a missing key succeeds.
     #[command(visible_alias = "delete")]
     Del { key: String },
-    /// List the keys starting with PREFIX, sorted, from every shard.
+    /// List the keys starting with PREFIX, sorted, from every shard, a page
+    /// at a time (the output streams).
     Search {
         /// Empty or omitted: every key.
         #[arg(default_value = "")]
@@ -68,6 +81,9 @@ pub enum Command {
         /// At most this many entries.
         #[arg(long)]
         limit: Option<usize>,
+        /// Entries asked for per page.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+        page: u32,
         /// Answer with the shards that respond instead of failing when one
         /// does not; the missing shards are named on stderr.
         #[arg(long)]
@@ -106,51 +122,60 @@ pub enum Command {
         #[arg(long, default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=1024))]
         concurrency: u16,
     },
+    /// Move keys between the running shards until the cluster serves
+    /// exactly the layout in FILE (the config file format).
+    #[command(
+        long_about = "Move keys between the running shards until the cluster serves exactly the \
+        layout in FILE (the config file format: every shard with its id, address and range).\n\n\
+        Split a range, merge neighbours, move a boundary, add shards (start them first: \
+        `kvstore-api <id> <config> --listen <addr>` for an id the config does not list) or remove \
+        them (their keys go to whoever owns them in FILE; stop such a process only after this \
+        command succeeded). Each range moves online: a consistent copy, the writes taken meanwhile, \
+        a short pause of writes to that range, a commit. Progress goes to stderr.\n\n\
+        Exit 0 once every node serves the layout. A layout that cannot be reached (overlapping \
+        ranges, keys nobody would own, a shard that does not answer) is refused before anything \
+        moves. After a failure, or if this command is killed, run it again: it finishes or rolls \
+        back the interrupted move. One reshard runs at a time per cluster (a lock on every node)."
+    )]
+    Reshard {
+        /// The layout to reach.
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
+        /// How long the move lock holds if this command stops renewing it.
+        #[arg(long, default_value = "15s", value_parser = parse_duration)]
+        lock_ttl: Duration,
+    },
 }
 
 /// Runs one command, printing its output to stdout and notes to stderr.
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
     let client = Client::new(&cli.endpoint, cli.timeout)?;
     let json = cli.output == Output::Json;
+    let router = Arc::new(Router::new(client.clone(), !cli.no_routing));
     match cli.command {
         Command::Get { key } => {
-            let value = client.get(&key).await?;
+            let value = router.get(&key).await?;
             if json {
                 print(&format!("{}\n", to_json(&value)?))
             } else {
                 print(&format!("{value}\n"))
             }
         }
-        Command::Put { key, value } => client.put(&key, &value).await,
-        Command::Del { key } => client.delete(&key).await,
+        Command::Put { key, value } => router.put(&key, &value).await,
+        Command::Del { key } => router.delete(&key).await,
         Command::Search {
             prefix,
             limit,
+            page,
             partial,
-        } => {
-            let answer = client.search(&prefix, limit, partial).await?;
-            if let Some(missing) = &answer.missing {
-                note(&format!(
-                    "partial answer: shard(s) {missing} did not answer, their keys are missing"
-                ));
-            }
-            if json {
-                print(&format!("{}\n", to_json(&answer.entries)?))
-            } else {
-                let mut table = Table::new(["KEY", "VALUE"]);
-                for e in &answer.entries {
-                    table.push([&e.key, &e.value]);
-                }
-                print(&table.render())
-            }
-        }
+        } => search(&client, &prefix, limit, page as usize, partial, json).await,
         Command::Cluster => {
-            let statuses = cluster::cluster_status(&client, PROBE_TIMEOUT).await?;
+            let report = cluster::cluster_status(&client, PROBE_TIMEOUT).await?;
             if json {
-                print(&format!("{}\n", cluster::render_json(&statuses)?))?;
+                print(&format!("{}\n", cluster::render_json(&report)?))?;
             } else {
-                print(&cluster::render_table(&statuses))?;
-                for line in cluster::notes(&statuses) {
+                print(&cluster::render_table(&report))?;
+                for line in cluster::notes(&report) {
                     note(&line);
                 }
             }
@@ -167,7 +192,7 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
             } else {
                 Progress::Plain(Duration::from_secs(10))
             };
-            let report = load::load(&client, records, usize::from(concurrency), progress).await;
+            let report = load::load(&router, records, usize::from(concurrency), progress).await;
             if json {
                 print(&format!("{}\n", report.summary_json()?))?;
             } else {
@@ -178,7 +203,92 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
                 None => Ok(()),
             }
         }
+        Command::Reshard { file, lock_ttl } => reshard(&client, &file, lock_ttl).await,
     }
+}
+
+/// `cavi search`: follows the cursor page by page and prints as it goes:
+/// a table (header first) or one JSON array.
+async fn search(
+    client: &Client,
+    prefix: &str,
+    limit: Option<usize>,
+    page: usize,
+    partial: bool,
+    json: bool,
+) -> Result<(), ClientError> {
+    let mut cursor = None;
+    let mut printed = 0usize;
+    let mut table = Table::new(["KEY", "VALUE"]);
+    let mut first_page = true;
+    if json {
+        print("[")?;
+    }
+    loop {
+        let want = limit.map_or(page, |l| page.min(l - printed));
+        if want == 0 {
+            break;
+        }
+        let answer = client
+            .search(prefix, Some(want), partial, cursor.take())
+            .await?;
+        if let Some(missing) = &answer.missing {
+            note(&format!(
+                "partial answer: shard(s) {missing} did not answer, their keys are missing"
+            ));
+        }
+        printed += answer.entries.len();
+        if json {
+            let mut text = String::new();
+            for e in &answer.entries {
+                if printed - answer.entries.len() > 0 || !text.is_empty() {
+                    text.push(',');
+                }
+                text.push_str("\n  ");
+                text.push_str(
+                    &serde_json::to_string(e).map_err(|e| ClientError::Output(e.to_string()))?,
+                );
+            }
+            print(&text)?;
+        } else {
+            // Column widths come from the first page, so output streams.
+            for e in &answer.entries {
+                table.push([&e.key, &e.value]);
+            }
+            print(&table.render_from(first_page))?;
+            table.clear_rows();
+        }
+        first_page = false;
+        match answer.next_cursor {
+            Some(next) if limit.is_none_or(|l| printed < l) => cursor = Some(next),
+            _ => break,
+        }
+    }
+    if json {
+        print(if printed == 0 { "]\n" } else { "\n]\n" })?;
+    }
+    Ok(())
+}
+
+/// `cavi reshard`: drives the cluster to the layout in `file`.
+async fn reshard(
+    client: &Client,
+    file: &std::path::Path,
+    lock_ttl: Duration,
+) -> Result<(), ClientError> {
+    let target = ClusterConfig::load(file).map_err(|e| ClientError::Input(e.to_string()))?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let driver = Driver::new(format!("cavi@{host}/{}", std::process::id()), lock_ttl);
+    let epoch = reshard::drive(client, &target, &driver, Duration::from_millis(200), note)
+        .await
+        .map_err(|e| ClientError::Reshard(e.to_string()))?;
+    note(&format!(
+        "done: every shard serves the layout of {} at map epoch {epoch}",
+        file.display()
+    ));
+    Ok(())
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, ClientError> {
@@ -218,7 +328,7 @@ mod tests {
         assert_eq!(cli.output, Output::Json);
         assert!(matches!(
             cli.command,
-            Command::Search { ref prefix, limit: Some(2), partial: false } if prefix == "ap"
+            Command::Search { ref prefix, limit: Some(2), partial: false, .. } if prefix == "ap"
         ));
         let cli = Cli::try_parse_from(["cavi", "put", "k", "--", "-1"]).expect("parses");
         assert!(matches!(cli.command, Command::Put { ref value, .. } if value == "-1"));

@@ -15,6 +15,8 @@ pub enum ClientError {
         status: u16,
         code: String,
         sentence: String,
+        /// On a 421: the epoch of the answering node's map.
+        epoch: Option<u64>,
     },
     /// No answer: connection refused, name not resolved, timeout.
     #[error("cannot reach {endpoint}: {reason}")]
@@ -31,6 +33,9 @@ pub enum ClientError {
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(String),
+    /// A reshard that was refused or failed.
+    #[error("{0}")]
+    Reshard(String),
     /// A failure tied to one line of a `load` input.
     #[error("line {line}: {source}")]
     AtLine { line: u64, source: Box<ClientError> },
@@ -43,6 +48,7 @@ impl ClientError {
             ClientError::Server { .. }
             | ClientError::BadResponse { .. }
             | ClientError::Input(_)
+            | ClientError::Reshard(_)
             | ClientError::Output(_) => EXIT_FAILURE,
             ClientError::Usage(_) => EXIT_USAGE,
             ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
@@ -76,6 +82,7 @@ mod tests {
             status: 404,
             code: "key_not_found".into(),
             sentence: "key \"x\" not found".into(),
+            epoch: None,
         };
         assert_eq!(server.to_string(), "key \"x\" not found");
         assert_eq!(server.exit_code(), 1);

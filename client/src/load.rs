@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::{Client, ClientError};
+use crate::ClientError;
+use crate::routing::Router;
 
 /// Default number of PUT requests in flight.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
@@ -406,7 +407,7 @@ fn rate(n: u64, elapsed: Duration) -> f64 {
 
 /// Stores every record with at most `concurrency` requests in flight.
 pub async fn load(
-    client: &Client,
+    client: &Arc<Router>,
     records: Records,
     concurrency: usize,
     progress: Progress,

@@ -6,6 +6,8 @@
 pub struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,
+    /// Column widths fixed by the first streamed page.
+    widths: Option<Vec<usize>>,
 }
 
 impl Table {
@@ -13,6 +15,7 @@ impl Table {
         Self {
             header: header.iter().map(|h| (*h).to_owned()).collect(),
             rows: Vec::new(),
+            widths: None,
         }
     }
 
@@ -26,9 +29,12 @@ impl Table {
             .push(row.into_iter().map(|c| cell(c.as_ref())).collect());
     }
 
-    /// The table, one line per row, each line ending in `\n`; the last
-    /// column is not padded.
-    pub fn render(&self) -> String {
+    /// Drops the rows (after a streamed page was printed).
+    pub fn clear_rows(&mut self) {
+        self.rows.clear();
+    }
+
+    fn widths(&self) -> Vec<usize> {
         let columns = self
             .rows
             .iter()
@@ -42,8 +48,33 @@ impl Table {
                 widths[i] = widths[i].max(c.chars().count());
             }
         }
+        widths
+    }
+
+    /// The table, one line per row, each line ending in `\n`; the last
+    /// column is not padded.
+    pub fn render(&self) -> String {
+        self.lines(&self.widths(), true)
+    }
+
+    /// The rows pushed since the last call, for output that streams: the
+    /// first call (with the header) fixes the column widths for the rest.
+    pub fn render_from(&mut self, header: bool) -> String {
+        let widths = match &self.widths {
+            Some(w) => w.clone(),
+            None => {
+                let w = self.widths();
+                self.widths = Some(w.clone());
+                w
+            }
+        };
+        self.lines(&widths, header)
+    }
+
+    fn lines(&self, widths: &[usize], header: bool) -> String {
         let mut out = String::new();
-        for row in std::iter::once(&self.header).chain(&self.rows) {
+        let head = header.then_some(&self.header);
+        for row in head.into_iter().chain(&self.rows) {
             let mut line = String::new();
             for (i, c) in row.iter().enumerate() {
                 if i > 0 {
@@ -51,7 +82,11 @@ impl Table {
                 }
                 line.push_str(c);
                 if i + 1 < row.len() {
-                    let pad = widths[i] - c.chars().count();
+                    let pad = widths
+                        .get(i)
+                        .copied()
+                        .unwrap_or(0)
+                        .saturating_sub(c.chars().count());
                     line.extend(std::iter::repeat_n(' ', pad));
                 }
             }

@@ -287,6 +287,7 @@ async fn cluster_shows_ranges_health_and_key_counts() {
             vec!["SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS"],
             vec!["0", "a..m*", a0.as_str(), "ready", "2"],
             vec!["1", "n..z*", a1.as_str(), "ready", "1"],
+            vec!["map epoch 0"],
         ]
     );
     assert_eq!(run.stderr, "");
@@ -294,13 +295,16 @@ async fn cluster_shows_ranges_health_and_key_counts() {
     let run = cavi(&c.url(0), &["cluster", "-o", "json"]).await;
     ok(&run);
     let json: Value = serde_json::from_str(&run.stdout).unwrap();
-    assert_eq!(json[0]["id"], 0);
-    assert_eq!(json[0]["range"], "a..m*");
-    assert_eq!(json[0]["health"], "ready");
-    assert_eq!(json[0]["keys"], 2);
-    assert_eq!(json[1]["addr"], a1.as_str());
-    assert_eq!(json[1]["range_end"], "z");
-    assert_eq!(json[1]["keys"], 1);
+    assert_eq!(json["epoch"], 0);
+    assert_eq!(json["moves"], serde_json::json!([]));
+    let shards = &json["shards"];
+    assert_eq!(shards[0]["id"], 0);
+    assert_eq!(shards[0]["range"], "a..m*");
+    assert_eq!(shards[0]["health"], "ready");
+    assert_eq!(shards[0]["keys"], 2);
+    assert_eq!(shards[1]["addr"], a1.as_str());
+    assert_eq!(shards[1]["range_end"], "z");
+    assert_eq!(shards[1]["keys"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +325,8 @@ async fn cluster_shows_dead_and_hung_shards_as_unreachable() {
         started.elapsed()
     );
     let table = rows(&run.stdout);
-    assert_eq!(table.len(), 4, "{run:?}");
+    assert_eq!(table.len(), 5, "{run:?}");
+    assert_eq!(table[4], ["map epoch 0"]);
     assert_eq!(
         table[1][..4],
         ["0", "a..h*", &c.node(0).addr.to_string(), "ready"]

@@ -13,7 +13,7 @@ use crate::metrics::status_label;
 use crate::moves::Admission;
 use crate::node::Node;
 use crate::peers::{Caller, KvOp};
-use crate::wire::Owner;
+use crate::wire::{EPOCH_HEADER, Owner};
 
 impl Node {
     /// Size limits on the key, enforced by the entry node before anything
@@ -106,7 +106,7 @@ impl Node {
                 Err(e) => e.code(),
             };
             self.metrics.record_peer(owner_id, "kv", outcome);
-            let response = answer.map_err(|source| ApiError::Peer {
+            let mut response = answer.map_err(|source| ApiError::Peer {
                 shard: owner_id,
                 addr: owner_addr.clone(),
                 source,
@@ -116,6 +116,13 @@ impl Node {
                 if self.refresh_from(&owner_addr).await {
                     continue;
                 }
+            }
+            // A client routing by an older map learns it sent the key to
+            // the wrong node.
+            if !response.headers().contains_key(EPOCH_HEADER) {
+                response
+                    .headers_mut()
+                    .insert(EPOCH_HEADER, HeaderValue::from(self.map().epoch));
             }
             return Ok(response);
         }

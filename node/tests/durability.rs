@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::Client;
+use common::{Client, Rng};
 use common::process::{Proc, free_port, start};
 use reqwest::StatusCode;
 
@@ -21,22 +21,6 @@ use reqwest::StatusCode;
 struct KeyState {
     acked: Option<String>,
     pending: Option<Option<String>>,
-}
-
-/// xorshift64*: a reproducible schedule from a printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn single_shard_config(dir: &Path, port: u16) -> String {
@@ -90,7 +74,7 @@ async fn acknowledged_writes_survive_sigkill_at_random_points() {
         for w in 0..16 {
             let (client, url, state) = (client.clone(), url.clone(), state.clone());
             let mine: Vec<String> = keys[w * 4..w * 4 + 4].to_vec();
-            let mut local = Rng(rng.next() | 1);
+            let mut local = Rng(rng.next_u64() | 1);
             writers.spawn(async move {
                 let mut acked = 0usize;
                 for n in 0.. {

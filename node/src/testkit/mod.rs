@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod process;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -237,6 +238,41 @@ pub fn hang(listener: TcpListener) -> JoinHandle<()> {
     })
 }
 
+/// xorshift64*: a reproducible schedule from a printed seed.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// A seed from the environment variable `name` (to replay a run), else
+/// from the clock; printed so a failure can be replayed.
+pub fn seed(name: &str) -> u64 {
+    let seed = std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    println!("{name}={seed}");
+    seed
+}
+
 /// An answer: status, headers, and the body parsed as JSON (Null if empty).
 #[derive(Debug)]
 pub struct Answer {
@@ -314,6 +350,51 @@ impl Client {
             headers,
             body,
         }
+    }
+
+    /// A request that may fail in transport: `(status, JSON body)` or the
+    /// transport error in words.
+    pub async fn try_send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Value), String> {
+        let r = req.send().await.map_err(|e| {
+            if e.is_timeout() {
+                "timeout".to_owned()
+            } else if e.is_connect() {
+                "connect".to_owned()
+            } else {
+                "transport".to_owned()
+            }
+        })?;
+        let status = r.status();
+        let bytes = r.bytes().await.map_err(|_| "body".to_owned())?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    pub async fn try_put(
+        &self,
+        base: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(StatusCode, Value), String> {
+        let body = serde_json::json!({ "value": value }).to_string();
+        self.try_send(
+            self.http
+                .put(Self::kv(base, key))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
+    pub async fn try_get(&self, base: &str, key: &str) -> Result<(StatusCode, Value), String> {
+        self.try_send(self.http.get(Self::kv(base, key))).await
+    }
+
+    pub async fn try_delete(&self, base: &str, key: &str) -> Result<(StatusCode, Value), String> {
+        self.try_send(self.http.delete(Self::kv(base, key))).await
     }
 
     pub async fn put(&self, base: &str, key: &str, value: &str) -> Answer {

@@ -102,3 +102,122 @@ impl Proc {
         assert!(ok, "kill -{name} failed");
     }
 }
+
+/// A node process a test can kill and start again on the same address
+/// and data directory; its log goes to a file beside its data.
+pub struct NodeProc {
+    pub id: u32,
+    pub addr: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    /// A node serving `id` of `config` on a fresh loopback port, with its
+    /// data under `dir` (`--data-dir` when `disk`), not started yet.
+    pub fn new(id: u32, config: &std::path::Path, dir: &std::path::Path, disk: bool) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            id.to_string(),
+            config.display().to_string(),
+            "--listen".into(),
+            addr.clone(),
+        ];
+        if disk {
+            args.extend(["--data-dir".into(), dir.join("data").display().to_string()]);
+        }
+        Self {
+            id,
+            addr,
+            args,
+            env: Vec::new(),
+            log: dir.join(format!("node-{id}.log")),
+            child: None,
+        }
+    }
+
+    /// Extra arguments for every start.
+    pub fn arg(&mut self, arg: &str) -> &mut Self {
+        self.args.push(arg.to_owned());
+        self
+    }
+
+    /// An environment variable for every start.
+    pub fn env(&mut self, name: &str, value: &str) -> &mut Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the process (appending to its log) and waits until ready.
+    pub async fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(node_binary());
+        cmd.args(&self.args)
+            .env_remove("HOSTNAME")
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(cmd.spawn().unwrap());
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let url = self.url();
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("node {} exited with {status}: {}", self.id, self.log_text());
+            }
+            if let Ok(r) = client.http.get(format!("{url}/readyz")).send().await
+                && r.status() == StatusCode::OK
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} not ready in time: {}",
+                self.id,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

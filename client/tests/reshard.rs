@@ -1,0 +1,396 @@
+//! Online resharding with real processes: three disk-backed nodes under a
+//! steady load of 16 writers and readers, `cavi reshard` splitting a
+//! range, moving a boundary and merging; then the target, the source and
+//! the driver killed with SIGKILL in the middle of a move, restarted, and
+//! the command run again.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cavi_node::testkit::process::NodeProc;
+use cavi_node::testkit::workload::Workload;
+use cavi_node::testkit::{Client, seed};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// Writes a layout: (shard, node, range_start, range_end).
+fn layout(path: &Path, shards: &[(u32, &NodeProc, &str, Option<&str>)]) {
+    let mut text = String::from("shards:\n");
+    for (id, node, start, end) in shards {
+        text.push_str(&format!(
+            "  - id: {id}\n    addr: {}\n    range_start: {start:?}\n",
+            node.addr
+        ));
+        if let Some(end) = end {
+            text.push_str(&format!("    range_end: {end:?}\n"));
+        }
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// What one `cavi` run did.
+struct Run {
+    code: i32,
+    stderr: String,
+}
+
+async fn cavi_reshard(entry: &NodeProc, file: &Path, extra: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cavi"))
+        .args(["-e", &entry.url(), "reshard", "-f", file.to_str().unwrap()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "cavi reshard -f {} -> {}\n{}",
+        file.display(),
+        run.code,
+        run.stderr
+    );
+    run
+}
+
+async fn cluster(client: &Client, node: &NodeProc) -> Value {
+    let answer = client
+        .send(client.http.get(format!("{}/cluster", node.url())))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer);
+    answer.body
+}
+
+/// Every key a node lists for itself (`scope=local`) is one it owns in
+/// its own map, and all nodes report one epoch; returns it.
+async fn check_ownership(client: &Client, nodes: &[&NodeProc]) -> u64 {
+    let mut epochs = Vec::new();
+    for node in nodes {
+        let view = cluster(client, node).await;
+        let id = view["shard_id"].as_u64().unwrap();
+        let owned: Vec<(String, Option<String>)> = view["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["id"].as_u64() == Some(id))
+            .map(|s| {
+                (
+                    s["range_start"].as_str().unwrap_or_default().to_owned(),
+                    s["range_end"].as_str().map(str::to_owned),
+                )
+            })
+            .collect();
+        let local = client.search(&node.url(), "prefix=&scope=local").await;
+        assert_eq!(local.status, StatusCode::OK);
+        for key in local.keys() {
+            let owns = owned.iter().any(|(start, end)| {
+                start.as_str() <= key.as_str()
+                    && end
+                        .as_ref()
+                        .is_none_or(|e| key.as_str() <= e.as_str() || key.starts_with(e.as_str()))
+            });
+            assert!(
+                owns,
+                "shard {id} lists {key:?}, which it does not own ({owned:?})"
+            );
+        }
+        epochs.push(view["epoch"].as_u64().unwrap());
+    }
+    assert!(
+        epochs.windows(2).all(|w| w[0] == w[1]),
+        "epochs differ: {epochs:?}"
+    );
+    epochs[0]
+}
+
+async fn start_nodes(dir: &Path, ids: &[u32], config: &Path) -> Vec<NodeProc> {
+    let mut nodes = Vec::new();
+    for id in ids {
+        let node_dir = dir.join(format!("n{id}"));
+        std::fs::create_dir_all(&node_dir).unwrap();
+        nodes.push(NodeProc::new(*id, config, &node_dir, true));
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_move_a_boundary_and_merge_under_load_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let mut nodes = start_nodes(dir.path(), &[0, 1, 2], &config).await;
+    layout(
+        &config,
+        &[(0, &nodes[0], "", Some("m")), (1, &nodes[1], "n", None)],
+    );
+    for node in &mut nodes {
+        node.start().await;
+    }
+    let client = Client::new();
+    // Shard 2 is not in the config: it owns nothing and forwards.
+    let view = cluster(&client, &nodes[2]).await;
+    assert_eq!(view["assigned"], false);
+
+    let urls: Vec<String> = nodes.iter().map(NodeProc::url).collect();
+    let load = Workload::start(urls.clone(), 16, seed("CAVI_RESHARD_SEED"));
+    load.wait_for(2000).await;
+
+    let split = dir.path().join("split.yaml");
+    layout(
+        &split,
+        &[
+            (0, &nodes[0], "", Some("f")),
+            (2, &nodes[2], "g", Some("m")),
+            (1, &nodes[1], "n", None),
+        ],
+    );
+    let run = cavi_reshard(&nodes[0], &split, &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("committed \"g\"..=\"m\"* from shard 0 to shard 2"),
+        "{}",
+        run.stderr
+    );
+    load.wait_for(2000).await;
+
+    let boundary = dir.path().join("boundary.yaml");
+    layout(
+        &boundary,
+        &[
+            (0, &nodes[0], "", Some("f")),
+            (2, &nodes[2], "g", Some("r")),
+            (1, &nodes[1], "s", None),
+        ],
+    );
+    let run = cavi_reshard(&nodes[1], &boundary, &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    load.wait_for(2000).await;
+
+    let merge = dir.path().join("merge.yaml");
+    layout(
+        &merge,
+        &[(0, &nodes[0], "", Some("f")), (1, &nodes[1], "g", None)],
+    );
+    let run = cavi_reshard(&nodes[2], &merge, &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    load.wait_for(2000).await;
+
+    let ledger = load.stop().await;
+    println!(
+        "{} requests answered, {} failed {:?}, {} keys",
+        ledger.total(),
+        ledger.failures(),
+        ledger.failed,
+        ledger.keys.len()
+    );
+    assert!(ledger.violations.is_empty(), "{:#?}", ledger.violations);
+    assert_eq!(ledger.failures(), 0, "{:?}", ledger.failed);
+    let wrong = ledger.check_all(&client, &urls).await;
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    let epoch = check_ownership(&client, &[&nodes[0], &nodes[1], &nodes[2]]).await;
+    assert!(epoch >= 3, "three committed moves, epoch {epoch}");
+    // The shard that left holds nothing.
+    assert_eq!(cluster(&client, &nodes[2]).await["keys"], 0);
+    assert_eq!(cluster(&client, &nodes[2]).await["assigned"], false);
+}
+
+/// Waits until the move of `node` as source is copying (some keys sent).
+async fn wait_copying(client: &Client, node: &NodeProc) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = cluster(client, node).await;
+        let copying = view["moves"].as_array().is_some_and(|moves| {
+            moves.iter().any(|m| {
+                m["role"] == "source"
+                    && m["phase"] == "copying"
+                    && m["keys_copied"].as_u64() > Some(0)
+            })
+        });
+        if copying {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no move started copying: {view}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Fills `letters` with `per_letter` keys of 2 KB each, concurrently.
+async fn preload(client: &Client, url: &str, letters: &str, per_letter: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for letter in letters.chars() {
+        for i in 0..per_letter {
+            let key = format!("{letter}-bulk-{i:05}");
+            keys.push(key.clone());
+            let (client, url) = (client.clone(), url.to_owned());
+            tasks.spawn(async move {
+                let answer = client
+                    .put(&url, &key, &format!("{key}:{}", "x".repeat(2000)))
+                    .await;
+                assert_eq!(answer.status, StatusCode::NO_CONTENT, "{answer:?}");
+            });
+            if tasks.len() >= 32 {
+                tasks.join_next().await.unwrap().unwrap();
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    keys
+}
+
+async fn check_preloaded(client: &Client, url: &str, keys: &[String]) {
+    for key in keys {
+        let got = client.get(url, key).await;
+        assert_eq!(got.status, StatusCode::OK, "{key}: {got:?}");
+        assert!(
+            got.body.as_str().unwrap().starts_with(&format!("{key}:")),
+            "{key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_target_the_source_or_the_driver_mid_move_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let mut nodes = start_nodes(dir.path(), &[0, 1, 2], &config).await;
+    layout(
+        &config,
+        &[(0, &nodes[0], "", Some("m")), (1, &nodes[1], "n", None)],
+    );
+    // Every page the target writes takes a while: the copy lasts long
+    // enough to be killed in the middle.
+    for node in &mut nodes {
+        node.env("CAVI_DEBUG_COMMIT_DELAY_MS", "150");
+    }
+    for node in &mut nodes {
+        node.start().await;
+    }
+    let client = Client::new();
+    let keys = preload(&client, &nodes[0].url(), "ghknpqr", 300).await;
+    let urls: Vec<String> = nodes.iter().map(NodeProc::url).collect();
+    let load = Workload::start(urls.clone(), 4, seed("CAVI_RESHARD_KILL_SEED"));
+
+    // 1. The target dies while the range streams to it.
+    let split = dir.path().join("split.yaml");
+    layout(
+        &split,
+        &[
+            (0, &nodes[0], "", Some("f")),
+            (2, &nodes[2], "g", Some("m")),
+            (1, &nodes[1], "n", None),
+        ],
+    );
+    let driver = tokio::spawn({
+        let (url, split) = (nodes[0].addr.clone(), split.clone());
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_cavi"))
+                .args(["-e", &url, "reshard", "-f", split.to_str().unwrap()])
+                .output()
+                .await
+                .unwrap()
+        }
+    });
+    wait_copying(&client, &nodes[0]).await;
+    nodes[2].kill();
+    let out = driver.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the reshard cannot finish without its target: {stderr}"
+    );
+    assert!(stderr.contains("shard 2"), "{stderr}");
+    nodes[2].start().await;
+    let run = cavi_reshard(&nodes[0], &split, &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    check_preloaded(&client, &nodes[1].url(), &keys).await;
+
+    // 2. The source dies while it streams a range away.
+    let boundary = dir.path().join("boundary.yaml");
+    layout(
+        &boundary,
+        &[
+            (0, &nodes[0], "", Some("f")),
+            (2, &nodes[2], "g", Some("r")),
+            (1, &nodes[1], "s", None),
+        ],
+    );
+    let driver = tokio::spawn({
+        let (url, file) = (nodes[0].addr.clone(), boundary.clone());
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_cavi"))
+                .args(["-e", &url, "reshard", "-f", file.to_str().unwrap()])
+                .output()
+                .await
+                .unwrap()
+        }
+    });
+    wait_copying(&client, &nodes[1]).await;
+    nodes[1].kill();
+    let out = driver.await.unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    nodes[1].start().await;
+    let run = cavi_reshard(&nodes[0], &boundary, &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    check_preloaded(&client, &nodes[0].url(), &keys).await;
+
+    // 3. The driver dies; a new one (once the lock expired) finishes.
+    let merge = dir.path().join("merge.yaml");
+    layout(
+        &merge,
+        &[(0, &nodes[0], "", Some("f")), (1, &nodes[1], "g", None)],
+    );
+    let mut killed = tokio::process::Command::new(env!("CARGO_BIN_EXE_cavi"))
+        .args([
+            "-e",
+            &nodes[0].url(),
+            "reshard",
+            "-f",
+            merge.to_str().unwrap(),
+            "--lock-ttl",
+            "1s",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_copying(&client, &nodes[2]).await;
+    killed.kill().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let run = cavi_reshard(&nodes[1], &merge, &[]).await;
+        if run.code == 0 {
+            break;
+        }
+        assert!(
+            run.stderr.contains("lock"),
+            "only the dead driver's lock may stop it: {}",
+            run.stderr
+        );
+        assert!(Instant::now() < deadline, "the lock never expired");
+        // The refusal says how long the lock still holds.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let ledger = load.stop().await;
+    println!(
+        "{} requests answered, {} failed {:?}",
+        ledger.total(),
+        ledger.failures(),
+        ledger.failed
+    );
+    assert!(ledger.violations.is_empty(), "{:#?}", ledger.violations);
+    let wrong = ledger.check_all(&client, &urls).await;
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    check_preloaded(&client, &nodes[2].url(), &keys).await;
+    check_ownership(&client, &[&nodes[0], &nodes[1], &nodes[2]]).await;
+}

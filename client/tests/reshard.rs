@@ -188,7 +188,13 @@ async fn split_move_a_boundary_and_merge_under_load_lose_nothing() {
         ledger.keys.len()
     );
     assert!(ledger.violations.is_empty(), "{:#?}", ledger.violations);
-    assert_eq!(ledger.failures(), 0, "{:?}", ledger.failed);
+    assert_eq!(
+        ledger.failures(),
+        0,
+        "{:?} {:#?}",
+        ledger.failed,
+        ledger.samples
+    );
     let wrong = ledger.check_all(&client, &urls).await;
     assert!(wrong.is_empty(), "{wrong:#?}");
     let epoch = check_ownership(&client, &[&nodes[0], &nodes[1], &nodes[2]]).await;

@@ -113,7 +113,10 @@ impl Node {
             })?;
             if response.status() == StatusCode::MISDIRECTED_REQUEST && !refreshed {
                 refreshed = true;
-                if self.refresh_from(&owner_addr).await {
+                // The owner moved on: take its newer map (or notice ours
+                // already is newer than the one this request went by).
+                self.refresh_from(&owner_addr).await;
+                if self.map().epoch > epoch {
                     continue;
                 }
             }

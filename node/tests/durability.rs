@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::{Client, Rng};
 use common::process::{Proc, free_port, start};
+use common::{Client, Rng};
 use reqwest::StatusCode;
 
 /// What is known of one key: its last acknowledged state and, if a write

@@ -38,6 +38,8 @@ pub struct Ledger {
     pub failed: BTreeMap<String, u64>,
     /// Failed requests by the first letter of their key.
     pub failed_keys: BTreeMap<char, u64>,
+    /// The first few failures in full, for the test's output.
+    pub samples: Vec<String>,
     /// Reads that broke the rules: a 404 for a key holding a value, or a
     /// value nobody wrote last.
     pub violations: Vec<String>,
@@ -100,7 +102,7 @@ impl Workload {
             let (urls, ledger, mut stopped) = (urls.clone(), ledger.clone(), stopped.clone());
             tasks.spawn(async move {
                 let client = Client::new();
-                let mut rng = Rng(seed ^ ((w as u64 + 1) * 0x9e37_79b9_7f4a_7c15));
+                let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 let mut seq = 0u64;
                 while !*stopped.borrow_and_update() {
                     let letter = LETTERS.as_bytes()[rng.below(26) as usize] as char;
@@ -150,6 +152,9 @@ impl Workload {
                             Ok((status, body)) => {
                                 *l.failed.entry(format!("{status} {}", body["code"])).or_default() += 1;
                                 *l.failed_keys.entry(letter).or_default() += 1;
+                                if l.samples.len() < 10 {
+                                    l.samples.push(format!("GET {key:?} via {url}: {status} {body}"));
+                                }
                             }
                             Err(e) => {
                                 *l.failed.entry(e).or_default() += 1;
@@ -210,7 +215,12 @@ fn record(
         }
         other => {
             let why = match other {
-                Ok((status, body)) => format!("{status} {}", body["code"]),
+                Ok((status, body)) => {
+                    if l.samples.len() < 10 {
+                        l.samples.push(format!("write {key:?}: {status} {body}"));
+                    }
+                    format!("{status} {}", body["code"])
+                }
                 Err(e) => e,
             };
             *l.failed.entry(why).or_default() += 1;

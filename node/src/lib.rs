@@ -11,6 +11,7 @@ pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod crash;
 pub mod dispatch;
 pub mod error;
 pub mod keyspace;

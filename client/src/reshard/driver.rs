@@ -14,6 +14,8 @@ use cavi_node::moves::{MoveSpec, MoveStatus, Phase, Role};
 use cavi_node::shard_map::ShardMap;
 use cavi_node::wire::ClusterView;
 
+use cavi_node::crash::crash_point;
+
 use super::plan::{self, PlanError, PlannedMove};
 use crate::{Client, ClientError};
 
@@ -229,10 +231,18 @@ impl Driver {
 
         self.lock(&answering).await?;
 
-        // Nodes behind the newest map learn it (421s would too, later).
+        // Moves under way, as their sources report them.
+        let sources: Vec<(&Member, &MoveStatus)> = views
+            .iter()
+            .flat_map(|(m, v)| v.moves.iter().map(move |s| (*m, s)))
+            .filter(|(_, s)| s.role == Role::Source && !s.phase.is_final())
+            .collect();
+
+        // Nodes behind the newest map learn it (421s would too, later); a
+        // source in the middle of a move switches maps through its commit.
         let mut changed = false;
         for (m, v) in &views {
-            if v.epoch < truth.epoch {
+            if v.epoch < truth.epoch && !sources.iter().any(|(s, _)| s.id == m.id) {
                 m.client.publish(&truth).await.map_err(|e| {
                     failed(
                         &format!("shard {} refused map epoch {}", m.id, truth.epoch),
@@ -255,11 +265,6 @@ impl Driver {
 
         // A move under way: finish it, or give it up if it is not part of
         // the plan any more.
-        let sources: Vec<(&Member, &MoveStatus)> = views
-            .iter()
-            .flat_map(|(m, v)| v.moves.iter().map(move |s| (*m, s)))
-            .filter(|(_, s)| s.role == Role::Source && !s.phase.is_final())
-            .collect();
         if let Some((source, status)) = sources.first() {
             return self
                 .follow(source, status, &members, &planned.moves, &truth)
@@ -381,12 +386,14 @@ impl Driver {
                 ))
             }
             Phase::Copying | Phase::Fenced => {
+                crash_point("driver-before-commit");
                 let done = source.client.commit_move(&status.id).await.map_err(|e| {
                     failed(
                         &format!("the commit of move {} ({name}) failed", status.id),
                         &e,
                     )
                 })?;
+                crash_point("driver-after-commit");
                 Ok((
                     format!(
                         "committed {name} at map epoch {} ({} keys, {})",
@@ -441,6 +448,7 @@ impl Driver {
                 &e,
             )
         })?;
+        crash_point("driver-after-prepare");
         if let Err(e) = source.client.start_move(&spec).await {
             let _ = dest.client.abort_incoming(&spec.id).await;
             return Err(failed(
@@ -448,6 +456,7 @@ impl Driver {
                 &e,
             ));
         }
+        crash_point("driver-after-start");
         Ok(format!(
             "started moving {} (move {})",
             move_name(next),

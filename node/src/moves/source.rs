@@ -14,6 +14,7 @@ use super::{
     Batch, BatchEntry, BatchKind, CommitRequest, MoveSpec, MoveStatus, OUTGOING_RECORD, Outcome,
     Phase, Role, unix_now,
 };
+use crate::crash::crash_point;
 use crate::error::ApiError;
 use crate::keyspace::Span;
 use crate::node::Node;
@@ -395,6 +396,7 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
             last,
             entries: page.entries.into_iter().map(BatchEntry::from).collect(),
         };
+        crash_point("source-copy-page");
         node.peers
             .send_batch(&addr, &out.spec.id, &batch)
             .await
@@ -620,6 +622,7 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
     }
     let writes = lock(&out.log).first_seq;
     let addr = target_addr(&out.spec)?;
+    crash_point("source-fenced");
     let asked = node
         .peers
         .commit_target(
@@ -632,7 +635,10 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
         )
         .await;
     match asked {
-        Ok(()) => finish(node, &out).await?,
+        Ok(()) => {
+            crash_point("source-target-committed");
+            finish(node, &out).await?;
+        }
         Err(e) if e.is_refusal() => {
             let why = format!("the target refused to commit: {e}");
             abort(node, &out, &why).await;
@@ -641,7 +647,12 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
         // No answer: the target may or may not have committed.
         Err(e) => {
             warn!(id, error = %e, "no answer to the commit; asking the target how it ended");
-            resolve(node, &out).await?;
+            if let Err(e) = resolve(node, &out).await {
+                if out.phase() == Phase::Fenced {
+                    spawn_resolver(node.clone(), out.clone());
+                }
+                return Err(e);
+            }
         }
     }
     node.metrics.fence(fenced_at.elapsed());
@@ -681,6 +692,28 @@ async fn resolve(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), ApiError> 
     }
 }
 
+/// Keeps asking the target how a fenced move ended until it knows (the
+/// range stays fenced meanwhile: requests for it wait, then get 503).
+fn spawn_resolver(node: Arc<Node>, out: Arc<Outgoing>) {
+    tokio::spawn(async move {
+        let mut wait = Duration::from_millis(200);
+        while out.phase() == Phase::Fenced {
+            match resolve(&node, &out).await {
+                Ok(()) => break,
+                Err(e) if out.phase() != Phase::Fenced => {
+                    info!(error = %e, "move resolved");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot resolve the move yet; the range stays fenced");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+}
+
 /// After the target committed: persist and switch to the new map, let the
 /// held requests go (to the target now), then clean up in the background.
 async fn finish(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), ApiError> {
@@ -704,6 +737,7 @@ async fn finish(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), ApiError> {
 /// Deletes the range's keys here, then forgets the move.
 async fn clean_up(node: Arc<Node>, out: Arc<Outgoing>) {
     out.set_phase(Phase::CleaningUp);
+    crash_point("source-cleanup");
     let Ok(store) = node.store().cloned() else {
         return;
     };
@@ -764,24 +798,7 @@ pub(crate) async fn resume(node: &Arc<Node>) -> Result<(), ApiError> {
         }
         Phase::Fenced => {
             info!(id = %out.spec.id, "restarted fenced: asking the target how the move ended");
-            let (node, out) = (node.clone(), out.clone());
-            tokio::spawn(async move {
-                let mut wait = Duration::from_millis(200);
-                while out.phase() == Phase::Fenced {
-                    match resolve(&node, &out).await {
-                        Ok(()) => break,
-                        Err(e) if out.phase() != Phase::Fenced => {
-                            info!(error = %e, "move resolved");
-                            break;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "cannot resolve the move yet; the range stays fenced");
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-            });
+            spawn_resolver(node.clone(), out);
         }
         _ => {
             if node.map().epoch < out.spec.map.epoch {

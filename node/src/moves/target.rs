@@ -13,6 +13,7 @@ use super::{
     Batch, BatchKind, COMMITTED_KEPT, COMMITTED_RECORD, CommitRequest, INCOMING_RECORD, MoveSpec,
     MoveStatus, Outcome, Phase, Role, unix_now,
 };
+use crate::crash::crash_point;
 use crate::error::ApiError;
 use crate::keyspace::Span;
 use crate::node::Node;
@@ -261,6 +262,7 @@ pub async fn commit(node: &Arc<Node>, id: &str, req: CommitRequest) -> Result<()
         )));
     }
     let store = node.store()?.clone();
+    crash_point("target-before-commit");
     // Written before anything is served from the range: the map, the end
     // of the receiving record and the committed id, as one synced write.
     let mut committed = node.committed_moves();
@@ -280,6 +282,7 @@ pub async fn commit(node: &Arc<Node>, id: &str, req: CommitRequest) -> Result<()
     }
     node.set_committed_moves(committed);
     inc.set_phase(Phase::Committed);
+    crash_point("target-after-commit");
     info!(id, epoch = inc.spec.map.epoch, range = %inc.spec.range(), "move committed: this shard owns the range");
     Ok(())
 }

@@ -144,6 +144,22 @@ impl NodeProc {
         self
     }
 
+    /// Forgets the environment variables set with [`NodeProc::env`].
+    pub fn clear_env(&mut self) -> &mut Self {
+        self.env.clear();
+        self
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    pub async fn wait_exit(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.is_running() {
+            assert!(Instant::now() < deadline, "node {} did not exit", self.id);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.child = None;
+    }
+
     /// An environment variable for every start.
     pub fn env(&mut self, name: &str, value: &str) -> &mut Self {
         self.env.push((name.to_owned(), value.to_owned()));

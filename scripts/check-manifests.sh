@@ -7,8 +7,14 @@
 #     schemas (kubernetes-validate --strict), custom resources against the CRD;
 #   - checks that the CRD in deploy/crds and in the chart is the generated one;
 #   - checks every pod template against the "restricted" Pod Security Standard;
+#   - compares the RBAC with `cavi-operator rbac` and the CRD template's upgrade
+#     behaviour and keep policy;
+#   - checks the monitoring kit: `promtool check rules` and `promtool test rules`
+#     on the alerts, the Grafana dashboard's panels and PromQL, the PodMonitor;
+#   - runs shellcheck on every shell script and tests/e2e/kind-e2e.sh --dry-run;
 #   - runs the kind end-to-end test (tests/e2e/kind-e2e.sh), which prints
 #     "skipped: ..." and passes where docker, kind, kubectl or helm is missing.
+# Needs shellcheck and promtool (Debian packages shellcheck and prometheus).
 # Ends with "N passed, N failed[, N skipped]"; exits non-zero on any failure.
 #
 # Environment:

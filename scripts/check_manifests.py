@@ -16,18 +16,33 @@ What is checked, and with what:
              generated CRD, with unknown fields refused as kubectl's default
              strict field validation does. The CRD's CEL rules
              (x-kubernetes-validations) are not evaluated here; the operator's
-             Rust tests cover the same rules. The chart's optional ServiceMonitor
-             (monitoring.coreos.com/v1) is a Prometheus Operator custom resource
-             whose schema neither tool has: it is skipped here and checked
-             field by field by the render check that enables it.
+             Rust tests cover the same rules. The chart's optional ServiceMonitor,
+             PodMonitor and PrometheusRule (monitoring.coreos.com/v1) are
+             Prometheus Operator custom resources whose schema neither tool has:
+             they are skipped here and checked field by field by the render
+             checks that enable them.
   crd        deploy/crds/cavicluster.yaml is byte for byte `cavi-operator crd`,
              and the chart's copy is that file plus the wrapper lines
-             scripts/sync-crd.sh adds.
+             scripts/sync-crd.sh adds. The CRD is a template (not in crds/), so a
+             changed CRD renders changed, which is what `helm upgrade` applies;
+             crds.keep adds the keep annotation.
+  rbac       the chart's and deploy/operator.yaml's ClusterRole and Role grant
+             exactly the (apiGroup, resource, verb) triples `cavi-operator rbac`
+             prints; the env the chart passes is env `cavi-operator run` reads.
+  monitoring the alert rules pass `promtool check rules` and their unit tests
+             (`promtool test rules`), use only metrics CAVI exports; the Grafana
+             dashboard parses, every panel has a PromQL target that promtool
+             parses; the PodMonitor selects the pods the operator renders.
   pods       every pod template (chart, deploy/operator.yaml, the StatefulSet the
              operator renders for each example) meets the "restricted" Pod
              Security Standard and has a read-only root filesystem.
-  e2e        tests/e2e/kind-e2e.sh, which skips (exit 0, "skipped: ...") where
-             docker, kind, kubectl or helm is missing.
+  e2e        shellcheck on every shell script; tests/e2e/kind-e2e.sh --dry-run
+             (no tool needed) prints the commands of every step; then the real
+             run, which skips (exit 0, "skipped: ...") where docker, kind, kubectl
+             or helm is missing.
+
+Tools from Debian packages (.ci/run installs them): shellcheck, and promtool
+from the prometheus package.
 
 Environment: CAVI_OPERATOR_BIN (a built cavi-operator instead of
 `cargo run -q -p cavi-operator --`), CAVI_E2E=0 (skip the kind e2e).
@@ -38,8 +53,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -57,6 +75,10 @@ CHART_CRD = CHART / "templates" / "crd.yaml"
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
 KIND_CONFIG = ROOT / "deploy" / "kind" / "cluster.yaml"
 E2E = ROOT / "tests" / "e2e" / "kind-e2e.sh"
+RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
+RULES_TESTS = ROOT / "tests" / "monitoring" / "prometheus-rules.test.yaml"
+DASHBOARD_FILE = CHART / "files" / "cavi-dashboard.json"
+SHELL_SCRIPTS = sorted([E2E, ROOT / ".ci" / "run", *ROOT.glob("scripts/*.sh"), *ROOT.glob("bench/*.sh")])
 
 # The newest Kubernetes whose schemas the pinned kubernetes-validate ships, the
 # API level the operator is compiled against (k8s-openapi feature v1_33), and the
@@ -270,8 +292,8 @@ def is_custom(doc: dict[str, Any]) -> bool:
 # Custom resources of other projects that kubernetes-validate has no schema for
 # (it raises SchemaNotFoundError) and whose CRD is not in this repository:
 # skipped by validate_docs, asserted field by field where the chart renders them
-# (assert_service_monitor).
-FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# (assert_service_monitor, assert_monitoring).
+FOREIGN_KINDS = {("monitoring.coreos.com/v1", kind) for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule")}
 
 
 def validate_docs(docs: Iterable[dict[str, Any]], source: str) -> str:
@@ -413,9 +435,9 @@ def check_pods(docs: Iterable[dict[str, Any]], source: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def render_chart(values: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+def render_chart(values: dict[str, Any], chart_dir: Path = CHART) -> tuple[list[dict[str, Any]], str]:
     """Render with Helm's engine; returns the objects and NOTES.txt."""
-    with helm.Chart.load(CHART) as chart:
+    with helm.Chart.load(chart_dir) as chart:
         out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     docs, notes = [], ""
     for path, text in sorted(out.items()):
@@ -452,7 +474,10 @@ def assert_defaults(docs, notes):
     require({p["containerPort"] for p in c["ports"]} == {8080}, "admin port is not 8080")
     require(env.get("CAVI_OPERATOR_ADMIN_ADDR") == "0.0.0.0:8080",
             f"CAVI_OPERATOR_ADMIN_ADDR is {env.get('CAVI_OPERATOR_ADMIN_ADDR')}, expected 0.0.0.0:8080")
+    assert_node_env(docs, "cavi:dev", "cluster.local")
     require(not by_kind(docs, "ServiceMonitor"), "a ServiceMonitor is rendered although serviceMonitor.enabled is false")
+    for kind in ("PodMonitor", "PrometheusRule", "ConfigMap"):
+        require(not by_kind(docs, kind), f"a {kind} is rendered although monitoring.* is disabled")
     require(c["livenessProbe"]["httpGet"]["path"] == "/healthz", "liveness probe is not /healthz")
     require(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness probe is not /readyz")
     require("requests" in c.get("resources", {}) and "limits" in c.get("resources", {}), "resources lack requests or limits")
@@ -463,8 +488,41 @@ def assert_defaults(docs, notes):
     require(not by_kind(docs, CRD_KIND), "the example CaviCluster is rendered although example.enabled is false")
     for needle in (f"kubectl -n {NAMESPACE} port-forward svc/demo 3100:3100",
                    "curl -X PUT localhost:3100/kv/foo -H 'content-type: application/json' -d '{\"value\":\"bar\"}'",
-                   "curl localhost:3100/kv/foo", "curl 'localhost:3100/search?prefix=f'"):
+                   "curl localhost:3100/kv/foo", "curl 'localhost:3100/search?prefix=f'",
+                   f"kubectl -n {NAMESPACE} wait --for=condition=Ready cavicluster/demo"):
         require(needle in notes, f"NOTES.txt lacks: {needle}")
+    require("deploy/" not in notes, "NOTES.txt names a file under deploy/, which the packaged chart does not carry")
+    cr = the(notes_manifest(notes), CRD_KIND)
+    require(cr["metadata"]["name"] == "demo", f"the NOTES.txt CaviCluster is {cr['metadata']['name']}, the commands after it name demo")
+    validate_custom(cr, "NOTES.txt")
+    require("image" not in cr["spec"], "the NOTES.txt CaviCluster pins spec.image; it should run the chart's (the default node image)")
+
+
+def assert_node_env(docs: list[dict[str, Any]], image: str, domain: str) -> None:
+    """The operator is told the nodes' default image (its own) and the cluster domain."""
+    c = container(docs)
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    require(c["image"] == image, f"the operator image is {c['image']}, expected {image}")
+    require(env.get("CAVI_OPERATOR_NODE_IMAGE") == c["image"],
+            f"CAVI_OPERATOR_NODE_IMAGE is {env.get('CAVI_OPERATOR_NODE_IMAGE')}, not the operator's own image {c['image']}")
+    require(env.get("CAVI_OPERATOR_CLUSTER_DOMAIN") == domain,
+            f"CAVI_OPERATOR_CLUSTER_DOMAIN is {env.get('CAVI_OPERATOR_CLUSTER_DOMAIN')}, expected {domain}")
+
+
+def notes_manifest(notes: str) -> list[dict[str, Any]]:
+    """Runs NOTES.txt's `kubectl apply -f - <<'EOF'` block the way a shell would
+    when pasted (kubectl stubbed to print its stdin): the heredoc must end where
+    it should and hold valid YAML."""
+    lines = notes.splitlines()
+    start = next((i for i, l in enumerate(lines) if re.fullmatch(r"kubectl -n \S+ apply -f - <<'EOF'", l)), None)
+    require(start is not None, "NOTES.txt has no `kubectl -n <ns> apply -f - <<'EOF'` line starting the example")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] == "EOF"), None)
+    require(end is not None, "the heredoc in NOTES.txt has no closing EOF line (flush left)")
+    script = 'kubectl() { printf "%s\\n" "$*" >&2; cat; }\n' + "\n".join(lines[start:end + 1]) + "\n"
+    proc = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, check=False)
+    require(proc.returncode == 0, f"the NOTES.txt heredoc fails in bash: {proc.stderr.strip()}")
+    require(proc.stderr.strip() == f"-n {NAMESPACE} apply -f -", f"kubectl got {proc.stderr.strip()!r}")
+    return load_docs(proc.stdout, "the CaviCluster in NOTES.txt")
 
 
 def keep_annotated(crd: dict[str, Any]) -> dict[str, Any]:
@@ -478,25 +536,41 @@ def assert_example(docs, notes):
     require(cr["metadata"]["annotations"].get("helm.sh/hook") == "post-install", "example CaviCluster is not a post-install hook")
     require(cr["spec"]["shards"] == [{"rangeStart": "a", "rangeEnd": "m"}, {"rangeStart": "n", "rangeEnd": "z"}],
             f"example shards are {cr['spec']['shards']}")
-    require(cr["spec"]["image"] == "cavi:dev", "example CaviCluster does not use the chart's image")
+    require("image" not in cr["spec"], "the example CaviCluster pins spec.image; it should run the default node image")
     require("port-forward svc/demo 3100:3100" in notes, "NOTES.txt does not name the example cluster")
+    require("<<'EOF'" not in notes, "NOTES.txt offers to create a cluster although the example was created")
+
+
+def assert_example_renamed(docs, notes):
+    require(the(docs, CRD_KIND)["metadata"]["name"] == "shop", "example.name not applied")
+    for needle in (f"-n {NAMESPACE} wait --for=condition=Ready cavicluster/shop", "port-forward svc/shop 3100:3100",
+                   "delete cavicluster shop", "delete pvc -l app.kubernetes.io/instance=shop"):
+        require(needle in notes, f"NOTES.txt lacks: {needle}")
+    require("demo" not in notes, "NOTES.txt still names demo although example.name is shop")
 
 
 def assert_custom_image(docs, notes):
     c = container(docs)
     require(c["image"] == "registry.example.com/cavi/cavi:1.2.3", f"image is {c['image']}")
     require(c["imagePullPolicy"] == "Always", "pullPolicy not applied")
-    require(the(docs, CRD_KIND)["spec"]["image"] == "registry.example.com/cavi/cavi:1.2.3", "example does not follow image")
+    assert_node_env(docs, "registry.example.com/cavi/cavi:1.2.3", "cluster.local")
+    require(the(docs, CRD_KIND)["spec"]["imagePullPolicy"] == "Always", "example does not follow image.pullPolicy")
+    require("CaviClusters without spec.image run registry.example.com/cavi/cavi:1.2.3." in " ".join(notes.split()),
+            "NOTES.txt does not name the nodes' default image")
 
 
 def assert_digest(docs, notes):
-    c = container(docs)
-    require(c["image"] == "cavi@sha256:" + "0" * 64, f"image is {c['image']}")
+    assert_node_env(docs, "cavi@sha256:" + "0" * 64, "cluster.local")
+
+
+def assert_cluster_domain(docs, notes):
+    assert_node_env(docs, "cavi:dev", "corp.internal")
 
 
 def assert_no_crd(docs, notes):
     require(not by_kind(docs, "CustomResourceDefinition"), "the CRD is rendered although crds.install is false")
-    require("kubectl apply -f deploy/crds/cavicluster.yaml" in notes, "NOTES.txt does not say the CRD must exist")
+    require("docker run --rm --entrypoint cavi-operator cavi:dev crd | kubectl apply --server-side -f -" in notes,
+            "NOTES.txt does not say how to install the CRD from the image")
 
 
 def assert_crd_not_kept(docs, notes):
@@ -554,7 +628,9 @@ def assert_service_monitor(docs, notes):
     endpoints = sm["spec"]["endpoints"]
     require(len(endpoints) == 1, f"expected one endpoint, got {endpoints}")
     ep = endpoints[0]
-    require(set(ep) <= {"port", "path", "interval", "scrapeTimeout"}, f"unexpected endpoint fields {sorted(ep)}")
+    require(set(ep) <= {"port", "path", "interval", "scrapeTimeout", "honorLabels"}, f"unexpected endpoint fields {sorted(ep)}")
+    require(ep.get("honorLabels") is True,
+            "honorLabels is not true: cavi_operator_rebalance_stalled's namespace label would become exported_namespace")
     require(ep["port"] in {p["name"] for p in svc["spec"]["ports"]}, f"endpoint port {ep['port']} is not a port of the metrics Service")
     require(ep["path"] == "/metrics", f"endpoint path is {ep['path']}")
     require(ep["interval"] == "15s" and ep["scrapeTimeout"] == "5s", f"interval/scrapeTimeout are {ep.get('interval')}/{ep.get('scrapeTimeout')}")
@@ -566,9 +642,74 @@ def assert_service_monitor_defaults(docs, notes):
     require("scrapeTimeout" not in ep, "an empty scrapeTimeout is rendered")
 
 
+def assert_monitoring(docs, notes):
+    """The kit with every knob set: PodMonitor, PrometheusRule, dashboard ConfigMap."""
+    pm = the(docs, "PodMonitor")
+    require(pm["apiVersion"] == "monitoring.coreos.com/v1", f"PodMonitor apiVersion is {pm['apiVersion']}")
+    require(pm["metadata"]["namespace"] == NAMESPACE, "PodMonitor is not in the release namespace")
+    require(pm["metadata"]["labels"].get("release") == "kps", "monitoring.podMonitor.labels not applied")
+    spec = pm["spec"]
+    require(set(spec) == {"jobLabel", "namespaceSelector", "selector", "podMetricsEndpoints"}, f"PodMonitor spec fields {sorted(spec)}")
+    require(spec["namespaceSelector"] == {"any": True}, f"namespaceSelector is {spec['namespaceSelector']}, not every namespace")
+    require(spec["selector"] == {"matchLabels": {"app.kubernetes.io/name": "cavi"}}, f"selector is {spec['selector']}")
+    require(spec["jobLabel"] == "app.kubernetes.io/name", "jobLabel does not make job=\"cavi\", which the alerts select on")
+    endpoints = spec["podMetricsEndpoints"]
+    require(len(endpoints) == 1, f"expected one pod metrics endpoint, got {endpoints}")
+    ep = endpoints[0]
+    require(set(ep) <= {"port", "path", "interval", "scrapeTimeout", "relabelings"}, f"unexpected endpoint fields {sorted(ep)}")
+    require(ep["port"] == "http" and ep["path"] == "/metrics", f"endpoint is {ep.get('port')} {ep.get('path')}, expected http /metrics")
+    require(ep["interval"] == "15s" and ep["scrapeTimeout"] == "5s", f"interval/scrapeTimeout are {ep.get('interval')}/{ep.get('scrapeTimeout')}")
+    require(ep["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"], "targetLabel": "cluster"}],
+            f"relabelings do not set cluster from the pod's app.kubernetes.io/instance: {ep['relabelings']}")
+
+    rule = the(docs, "PrometheusRule")
+    require(rule["apiVersion"] == "monitoring.coreos.com/v1", f"PrometheusRule apiVersion is {rule['apiVersion']}")
+    require(rule["metadata"]["namespace"] == NAMESPACE, "PrometheusRule is not in the release namespace")
+    require(rule["metadata"]["labels"].get("release") == "kps", "monitoring.prometheusRule.labels not applied")
+    require(rule["spec"] == yaml.safe_load(RULES_FILE.read_text()),
+            f"the PrometheusRule's spec is not {rel(RULES_FILE)} (the file promtool checks)")
+
+    cm = the(docs, "ConfigMap")
+    meta = cm["metadata"]
+    require(meta["namespace"] == "monitoring", f"dashboard ConfigMap is in {meta['namespace']}, monitoring.dashboard.namespace is monitoring")
+    require(meta["labels"].get("grafana_dashboard") == "1" and meta["labels"].get("team") == "storage",
+            f"dashboard ConfigMap labels are {meta['labels']}")
+    require(meta.get("annotations") == {"grafana_folder": "CAVI"}, f"dashboard annotations are {meta.get('annotations')}")
+    require(set(cm["data"]) == {"cavi-dashboard.json"}, f"dashboard ConfigMap keys are {sorted(cm['data'])}")
+    require(cm["data"]["cavi-dashboard.json"] == DASHBOARD_FILE.read_text().rstrip("\n"),
+            f"the ConfigMap's dashboard is not {rel(DASHBOARD_FILE)}")
+
+
+def assert_monitoring_defaults(docs, notes):
+    ep = the(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]
+    require(ep["interval"] == "30s", f"default interval is {ep['interval']}")
+    require("scrapeTimeout" not in ep, "an empty scrapeTimeout is rendered")
+    the(docs, "PrometheusRule")
+    cm = the(docs, "ConfigMap")
+    require(cm["metadata"]["namespace"] == NAMESPACE, "an empty monitoring.dashboard.namespace does not mean the release namespace")
+    require("annotations" not in cm["metadata"], "empty dashboard annotations are rendered")
+
+
+def assert_dashboard_label_override(docs, notes):
+    labels = the(docs, "ConfigMap")["metadata"]["labels"]
+    require(labels.get("grafana_dashboard") == "cavi", f"monitoring.dashboard.labels.grafana_dashboard did not replace \"1\": {labels}")
+
+
 VALUE_SETS: list[tuple[str, dict[str, Any], Callable]] = [
     ("defaults", {}, assert_defaults),
     ("example.enabled", {"example": {"enabled": True}}, assert_example),
+    ("example.name=shop", {"example": {"enabled": True, "name": "shop"}}, assert_example_renamed),
+    ("clusterDomain=corp.internal", {"clusterDomain": "corp.internal"}, assert_cluster_domain),
+    ("monitoring kit enabled",
+     {"monitoring": {"podMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "5s", "labels": {"release": "kps"}},
+                     "prometheusRule": {"enabled": True, "labels": {"release": "kps"}},
+                     "dashboard": {"enabled": True, "namespace": "monitoring", "labels": {"team": "storage"},
+                                   "annotations": {"grafana_folder": "CAVI"}}}}, assert_monitoring),
+    ("monitoring kit enabled with defaults",
+     {"monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}},
+     assert_monitoring_defaults),
+    ("monitoring.dashboard.labels.grafana_dashboard=cavi",
+     {"monitoring": {"dashboard": {"enabled": True, "labels": {"grafana_dashboard": "cavi"}}}}, assert_dashboard_label_override),
     ("custom image", {"image": {"repository": "registry.example.com/cavi/cavi", "tag": "1.2.3", "pullPolicy": "Always"},
                       "example": {"enabled": True}}, assert_custom_image),
     ("image digest", {"image": {"digest": "sha256:" + "0" * 64}}, assert_digest),
@@ -601,6 +742,12 @@ REFUSED_VALUE_SETS: list[tuple[str, dict[str, Any]]] = [
     ("a serviceMonitor interval that is not a duration", {"serviceMonitor": {"interval": "15 seconds"}}),
     ("serviceMonitor without the metrics Service",
      {"serviceMonitor": {"enabled": True}, "metrics": {"service": {"enabled": False}}}),
+    ("unknown key in monitoring", {"monitoring": {"podMonitors": {"enabled": True}}}),
+    ("unknown key in monitoring.prometheusRule", {"monitoring": {"prometheusRule": {"enabled": True, "lables": {}}}}),
+    ("a podMonitor interval that is not a duration", {"monitoring": {"podMonitor": {"interval": "30"}}}),
+    ("a dashboard label that is not a string", {"monitoring": {"dashboard": {"labels": {"grafana_dashboard": 1}}}}),
+    ("a dashboard namespace that is not a name", {"monitoring": {"dashboard": {"namespace": "Monitoring"}}}),
+    ("a clusterDomain that is not a DNS name", {"clusterDomain": "cluster.local."}),
 ]
 
 
@@ -628,15 +775,21 @@ def check_schema_closed() -> str:
     return "additionalProperties on every object; values.yaml conforms"
 
 
+# Every optional object on, so that lint sees every template render.
+LINT_ALL_ON = {"serviceMonitor": {"enabled": True}, "example": {"enabled": True},
+               "monitoring": {part: {"enabled": True} for part in ("podMonitor", "prometheusRule", "dashboard")}}
+
+
 def check_lint() -> str:
     notes = []
     for version in K8S_VERSIONS:
-        report = helm.lint(CHART, strict=True, namespace=NAMESPACE, kube_version=f"v{version}.0")
-        errors = list(report.get("errors") or [])
-        errors += [f"{m['path']}: {m['error']}" for m in report.get("messages") or [] if m.get("severity", 0) >= 3]
-        require(not errors, f"helm lint (strict, Kubernetes {version}):\n" + "\n".join(errors))
-        notes += [f"{m['path']}: {m['error']}" for m in report.get("messages") or [] if m.get("severity", 0) < 3]
-    return "no errors" + (f"; info: {'; '.join(sorted(set(notes)))}" if notes else "")
+        for label, values in (("defaults", None), ("everything on", LINT_ALL_ON)):
+            report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{version}.0")
+            errors = list(report.get("errors") or [])
+            errors += [f"{m['path']}: {m['error']}" for m in report.get("messages") or [] if m.get("severity", 0) >= 3]
+            require(not errors, f"helm lint (strict, Kubernetes {version}, {label}):\n" + "\n".join(errors))
+            notes += [f"{m['path']}: {m['error']}" for m in report.get("messages") or [] if m.get("severity", 0) < 3]
+    return "no errors, defaults and everything on" + (f"; info: {'; '.join(sorted(set(notes)))}" if notes else "")
 
 
 def check_refused(values: dict[str, Any]) -> str:
@@ -772,9 +925,9 @@ def check_commands(chart_docs: list[dict[str, Any]], plain_docs: list[dict[str, 
 
 
 def check_node_storage(source: str, docs: list[dict[str, Any]]) -> str:
-    """A CaviCluster's storage shows in its StatefulSet: persistent storage as a
-    claim template mounted where --data-dir points, with fsGroup and a retention
-    policy; memory storage as none of these."""
+    """A CaviCluster's storage shows in its StatefulSet: persistent storage (the
+    default) as a claim template mounted where --data-dir points, with fsGroup and
+    a retention policy; memory storage as none of these."""
     cr = next((d for d in load_docs((ROOT / source).read_text(), source) if d.get("kind") == CRD_KIND), None)
     require(cr is not None, f"{source} holds no {CRD_KIND}")
     storage = (cr.get("spec") or {}).get("storage") or {}
@@ -789,11 +942,12 @@ def check_node_storage(source: str, docs: list[dict[str, Any]]) -> str:
     require(annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/path") == "/metrics"
             and annotations.get("prometheus.io/port") == str(http["containerPort"]),
             f"{source}: the pod template lacks the prometheus.io annotations for port {http['containerPort']}: {annotations}")
-    if storage.get("type") != "Persistent":
+    # storage.type defaults to Persistent, with persistent.size 1Gi.
+    if storage.get("type", "Persistent") != "Persistent":
         require("volumeClaimTemplates" not in sts and "--data-dir" not in args and "fsGroup" not in pod["securityContext"],
                 f"{source}: memory storage renders a claim template, --data-dir or fsGroup")
         return "memory: no claim template, no --data-dir"
-    persistent = storage["persistent"]
+    persistent = {"size": "1Gi", **(storage.get("persistent") or {})}
     templates = sts.get("volumeClaimTemplates") or []
     require(len(templates) == 1, f"{source}: expected one volume claim template, got {len(templates)}")
     claim = templates[0]
@@ -813,6 +967,384 @@ def check_node_storage(source: str, docs: list[dict[str, Any]]) -> str:
     require(sts.get("persistentVolumeClaimRetentionPolicy") == want,
             f"{source}: retention policy is {sts.get('persistentVolumeClaimRetentionPolicy')}, expected {want}")
     return f"claim {name} {persistent['size']} at {data_dir}, retention {want['whenDeleted']}/{want['whenScaled']}"
+
+
+# --------------------------------------------------------------------------
+# RBAC and settings against what the operator itself says it uses
+# --------------------------------------------------------------------------
+
+
+Triple = tuple[str, str, str]
+
+
+def rule_triples(rules: list[dict[str, Any]], source: str) -> set[Triple]:
+    triples = set()
+    for rule in rules:
+        extra = set(rule) - {"apiGroups", "resources", "verbs"}
+        require(not extra, f"{source}: a rule uses {sorted(extra)}, which `cavi-operator rbac` never does: {rule}")
+        for group in rule.get("apiGroups") or []:
+            for resource in rule.get("resources") or []:
+                for verb in rule.get("verbs") or []:
+                    require("*" not in (group, resource, verb), f"{source}: a wildcard in {rule}")
+                    triples.add((group, resource, verb))
+    return triples
+
+
+def show_triples(triples: Iterable[Triple]) -> str:
+    return ", ".join(f"{g or 'core'}/{r}:{v}" for g, r, v in sorted(triples))
+
+
+def check_rbac_matches_operator(chart_docs: list[dict[str, Any]], plain_docs: list[dict[str, Any]]) -> str:
+    """ClusterRole == clusterRules and Role == leaseRules of `cavi-operator rbac`, as
+    (apiGroup, resource, verb) sets, for the chart (default values) and
+    deploy/operator.yaml; every difference is named, in both directions."""
+    try:
+        used = yaml.safe_load(operator("rbac"))
+    except CheckFailed as e:
+        raise CheckFailed(f"cannot learn the permissions the operator uses (the binary needs the `rbac` subcommand): {e}") from e
+    require(isinstance(used, dict) and {"clusterRules", "leaseRules"} <= set(used),
+            f"`cavi-operator rbac` printed no clusterRules and leaseRules: {used!r:.300}")
+    wanted = {"ClusterRole": rule_triples(used["clusterRules"], "cavi-operator rbac"),
+              "Role": rule_triples(used["leaseRules"], "cavi-operator rbac")}
+    problems = []
+    for source, docs in (("chart", chart_docs), ("deploy/operator.yaml", plain_docs)):
+        for kind, want in wanted.items():
+            have = rule_triples(the(docs, kind)["rules"], f"{source} {kind}")
+            if have - want:
+                problems.append(f"{source} {kind} grants what the operator does not use: {show_triples(have - want)}")
+            if want - have:
+                problems.append(f"{source} {kind} lacks what the operator uses: {show_triples(want - have)}")
+        role = the(docs, "Role")
+        binding = the(docs, "RoleBinding")
+        require(role["metadata"].get("namespace") == binding["metadata"].get("namespace"),
+                f"{source}: the leader-election Role and its binding are in different namespaces")
+    require(not problems, "\n".join(problems))
+    return f"ClusterRole {len(wanted['ClusterRole'])} and Role {len(wanted['Role'])} (group, resource, verb) triples, chart and deploy/operator.yaml"
+
+
+def check_operator_env(chart_docs: list[dict[str, Any]], plain_docs: list[dict[str, Any]]) -> str:
+    """Every variable the manifests give the operator is one `cavi-operator run`
+    reads (a misspelt name would be ignored in silence)."""
+    help_text = operator("run", "--help")
+    known = set(re.findall(r"\[env: ([A-Za-z0-9_]+)=", help_text))
+    require(known, "`cavi-operator run --help` lists no [env: ...] settings")
+    problems = []
+    for source, docs in (("chart", chart_docs), ("deploy/operator.yaml", plain_docs)):
+        names = {e["name"] for e in container(docs).get("env", [])} - {"RUST_LOG"}
+        if names - known:
+            problems.append(f"{source} sets {', '.join(sorted(names - known))}, which `cavi-operator run` does not read")
+    for flag in ("--default-node-image", "--cluster-domain"):
+        if flag not in help_text:
+            problems.append(f"`cavi-operator run --help` has no {flag}")
+    require(not problems, "\n".join(problems) + f"\n(it reads: {', '.join(sorted(known))})")
+    return f"{len(known)} variables known to `cavi-operator run`"
+
+
+def check_crd_image_default() -> str:
+    """A default for spec.image would be filled in by the API server, so no
+    CaviCluster would ever lack one and the operator's default node image (the
+    chart's own image) would never be used."""
+    for version in crd_docs()[0]["spec"]["versions"]:
+        image = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"].get("image") or {}
+        require("default" not in image,
+                f"{version['name']}: spec.image has default {image.get('default')!r}: the API server fills it in, so "
+                "CAVI_OPERATOR_NODE_IMAGE (--default-node-image, the chart's image) is never used")
+    return "spec.image has no default"
+
+
+# --------------------------------------------------------------------------
+# The CRD as a template: keep policy, and helm upgrade applying a changed CRD
+# --------------------------------------------------------------------------
+
+CRD_PROBE_FIELD = "upgradeProbe"
+
+
+def add_crd_field(template: Path) -> None:
+    """Adds a string property to spec in the chart's CRD template, as a new field of
+    the Rust type would (tests/e2e/kind-e2e.sh's add_crd_field does the same)."""
+    out, schema, spec, done = [], False, False, False
+    for line in template.read_text().splitlines(keepends=True):
+        schema = schema or line == "      openAPIV3Schema:\n"
+        spec = spec or (schema and line == "          spec:\n")
+        out.append(line)
+        if spec and not done and line == "            properties:\n":
+            out.append(f"              {CRD_PROBE_FIELD}:\n                type: string\n")
+            done = True
+    require(done, f"{rel(CHART_CRD)}: no spec properties found to add a field to; update add_crd_field")
+    template.write_text("".join(out))
+
+
+def spec_properties(crd: dict[str, Any]) -> dict[str, Any]:
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+
+
+def check_crd_template() -> str:
+    require(not (CHART / "crds").exists(),
+            "charts/cavi-operator/crds/ exists: Helm installs crds/ once and never upgrades it; the CRD belongs in templates/")
+    kept = the(render_chart({"crds": {"keep": True}})[0], "CustomResourceDefinition")
+    require((kept["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == "keep",
+            "crds.keep=true renders no helm.sh/resource-policy: keep on the CRD")
+    unkept = the(render_chart({"crds": {"keep": False}})[0], "CustomResourceDefinition")
+    require("helm.sh/resource-policy" not in (unkept["metadata"].get("annotations") or {}),
+            "crds.keep=false still renders helm.sh/resource-policy on the CRD")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_dir = Path(tmp) / CHART.name
+        shutil.copytree(CHART, copy_dir)
+        add_crd_field(copy_dir / "templates" / "crd.yaml")
+        changed = the(render_chart({}, copy_dir)[0], "CustomResourceDefinition")
+    require(changed != kept, "a chart whose CRD template has an extra field renders the same CRD: helm upgrade would not change it")
+    require(spec_properties(changed).get(CRD_PROBE_FIELD) == {"type": "string"},
+            f"the extra field did not land in spec.properties: {spec_properties(changed).get(CRD_PROBE_FIELD)}")
+    del spec_properties(changed)[CRD_PROBE_FIELD]
+    require(changed == kept, "adding one field to the CRD template changed more of the rendered CRD than that field")
+    return "keep annotation follows crds.keep; a CRD with an extra field renders with it (what helm upgrade applies)"
+
+
+# --------------------------------------------------------------------------
+# Monitoring: alert rules, dashboard, PodMonitor
+# --------------------------------------------------------------------------
+
+# What CAVI exports (README "Observability" and the operator's admin port): name -> type.
+NODE_METRICS = {
+    "cavi_http_requests_total": "counter", "cavi_http_request_duration_seconds": "histogram",
+    "cavi_peer_requests_total": "counter", "cavi_search_fan_out_shards": "histogram",
+    "cavi_stored_keys": "gauge", "cavi_stored_bytes": "gauge", "cavi_storage_fault": "gauge",
+    "cavi_shard_map_epoch": "gauge", "cavi_moves_total": "counter", "cavi_move_keys_total": "counter",
+    "cavi_move_bytes_total": "counter", "cavi_move_fence_duration_seconds": "histogram", "cavi_move_phase": "gauge",
+}
+OPERATOR_METRICS = {
+    "cavi_operator_reconciles_total": "counter", "cavi_operator_reconcile_failures_total": "counter",
+    "cavi_operator_reconcile_duration_seconds": "histogram", "cavi_operator_leader": "gauge",
+    "cavi_operator_rebalance_stalled": "gauge",
+}
+# Series of others the rules may read: Prometheus's own, kube-state-metrics'.
+OTHER_METRICS = {"up", "kube_pod_status_ready"}
+
+ALERTS = {"CaviShardDown", "CaviSearchIncomplete", "CaviPeerTimeouts", "CaviStorageFault", "CaviStorageWritesRefused",
+          "CaviRebalanceStalled", "CaviOperatorReconcileFailures", "CaviOperatorNoLeader"}
+# The panels an on-call engineer opens first, by the series they need.
+DASHBOARD_NEEDS = {"cavi_http_requests_total", "cavi_http_request_duration_seconds_bucket", "cavi_peer_requests_total",
+                   "cavi_stored_keys", "cavi_stored_bytes", "cavi_storage_fault", "cavi_shard_map_epoch", "cavi_move_phase",
+                   "cavi_move_keys_total", "cavi_operator_reconcile_failures_total"}
+
+
+def known_series() -> set[str]:
+    names = set(OTHER_METRICS)
+    for name, kind in {**NODE_METRICS, **OPERATOR_METRICS}.items():
+        names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    return names
+
+
+def series_in(expr: str) -> set[str]:
+    """Metric names a PromQL expression reads: CAVI's, kube-state-metrics' and up.
+    No label is named cavi_* or kube_*, and label values (in quotes) are left out."""
+    unquoted = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    return set(re.findall(r"(?<![\w:])(?:cavi|kube)_[a-z0-9_]+|(?<![\w:])up(?=\s*\{)", unquoted))
+
+
+def tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    require(path is not None, f"{name} is not installed (Debian: apt-get install {package}; .ci/run installs it)")
+    return path
+
+
+def run_tool(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    out = "\n".join(l for l in (proc.stdout + proc.stderr).splitlines() if l.strip())
+    require(proc.returncode == 0, f"`{' '.join(cmd)}` exited {proc.returncode}:\n{out}")
+    return out
+
+
+def check_promtool_rules() -> str:
+    out = run_tool([tool("promtool", "prometheus"), "check", "rules", rel(RULES_FILE)])
+    return out.splitlines()[-1].strip()
+
+
+def check_promtool_tests() -> str:
+    run_tool([tool("promtool", "prometheus"), "test", "rules", rel(RULES_TESTS)])
+    return "every alert fires on its series and stays quiet on a healthy cluster"
+
+
+def check_rules_content() -> str:
+    doc = yaml.safe_load(RULES_FILE.read_text())
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    names = [r.get("alert") for r in rules]
+    require(set(names) == ALERTS and len(names) == len(ALERTS), f"alerts are {names}, expected {sorted(ALERTS)} once each")
+    problems = []
+    for r in rules:
+        name = r["alert"]
+        if (r.get("labels") or {}).get("severity") not in ("critical", "warning"):
+            problems.append(f"{name}: severity label is {(r.get('labels') or {}).get('severity')}, not critical or warning")
+        for key in ("summary", "description"):
+            if not (r.get("annotations") or {}).get(key):
+                problems.append(f"{name}: no {key} annotation")
+        if not r.get("for"):
+            problems.append(f"{name}: no `for`, so one bad scrape pages")
+        unknown = series_in(r["expr"]) - known_series()
+        if unknown:
+            problems.append(f"{name}: reads series CAVI does not export: {sorted(unknown)}")
+    require(not problems, "\n".join(problems))
+    return f"{len(rules)} alerts with severity, summary, description and known series"
+
+
+def dashboard_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    panels = []
+    for p in dash.get("panels") or []:
+        panels.append(p)
+        panels += p.get("panels") or []  # a collapsed row holds its panels
+    return panels
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables replaced by values promtool can parse."""
+    expr = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
+    return re.sub(r"\$\{?\w+\}?", ".*", expr)
+
+
+def load_dashboard() -> dict[str, Any]:
+    try:
+        return json.loads(DASHBOARD_FILE.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckFailed(f"{rel(DASHBOARD_FILE)} is not JSON: {e}") from e
+
+
+def check_dashboard() -> str:
+    dash = load_dashboard()
+    require(dash.get("title") and dash.get("uid"), "the dashboard has no title or uid")
+    variables = {v["name"]: v for v in (dash.get("templating") or {}).get("list") or []}
+    require(variables.get("datasource", {}).get("type") == "datasource" and variables["datasource"].get("query") == "prometheus",
+            "the dashboard has no Prometheus datasource variable named datasource")
+    require({"namespace", "cluster"} <= set(variables), f"variables are {sorted(variables)}, expected namespace and cluster")
+
+    panels = dashboard_panels(dash)
+    ids = [p.get("id") for p in panels]
+    require(len(ids) == len(set(ids)) and None not in ids, f"panel ids are missing or repeated: {ids}")
+    problems, rules, used = [], [], set()
+    boxes = []
+    for p in panels:
+        where = f"panel {p.get('id')} {p.get('title')!r}"
+        grid = p.get("gridPos") or {}
+        if not {"h", "w", "x", "y"} <= set(grid):
+            problems.append(f"{where}: no gridPos")
+        else:
+            boxes.append((where, grid))
+        if p.get("type") == "row":
+            continue
+        targets = p.get("targets") or []
+        if not targets:
+            problems.append(f"{where}: no targets")
+        if (p.get("datasource") or {}).get("uid") != "${datasource}":
+            problems.append(f"{where}: datasource is not ${{datasource}}")
+        for t in targets:
+            expr = t.get("expr")
+            if not isinstance(expr, str) or not expr.strip():
+                problems.append(f"{where}: target {t.get('refId')} has no PromQL expr")
+                continue
+            if (t.get("datasource") or {}).get("uid") != "${datasource}":
+                problems.append(f"{where}: target {t.get('refId')}'s datasource is not ${{datasource}}")
+            unknown = series_in(expr) - known_series()
+            if unknown:
+                problems.append(f"{where}: reads series CAVI does not export: {sorted(unknown)}")
+            used |= series_in(expr)
+            rules.append({"record": f"dashboard:panel_{p['id']}:{t.get('refId')}", "expr": grafana_to_promql(expr)})
+    for i, (a, ga) in enumerate(boxes):
+        for b, gb in boxes[i + 1:]:
+            if (ga["x"] < gb["x"] + gb["w"] and gb["x"] < ga["x"] + ga["w"]
+                    and ga["y"] < gb["y"] + gb["h"] and gb["y"] < ga["y"] + ga["h"]):
+                problems.append(f"{a} and {b} overlap")
+    missing = DASHBOARD_NEEDS - used
+    if missing:
+        problems.append(f"no panel shows {sorted(missing)}")
+    require(not problems, "\n".join(problems))
+
+    # promtool parses PromQL only inside rule files: one recording rule per target.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="cavi-dashboard-") as f:
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, f)
+        f.flush()
+        run_tool([tool("promtool", "prometheus"), "check", "rules", f.name])
+    return f"{len(panels)} panels, {len(rules)} PromQL targets, all parsed by promtool"
+
+
+def check_pod_monitor_selects_nodes(pod_monitor: dict[str, Any], operator_renders: dict[str, list[dict[str, Any]]]) -> str:
+    spec = pod_monitor["spec"]
+    ep = spec["podMetricsEndpoints"][0]
+    for source, docs in operator_renders.items():
+        cr = next(d for d in load_docs((ROOT / source).read_text(), source) if d.get("kind") == CRD_KIND)
+        template = the(docs, "StatefulSet")["spec"]["template"]
+        labels = template["metadata"].get("labels") or {}
+        require(spec["selector"]["matchLabels"].items() <= labels.items(),
+                f"{source}: the PodMonitor selector {spec['selector']['matchLabels']} does not match the pod labels {labels}")
+        require(labels.get(spec["jobLabel"]) == "cavi", f"{source}: pod label {spec['jobLabel']} is not cavi, so job is not \"cavi\"")
+        require(labels.get("app.kubernetes.io/instance") == cr["metadata"]["name"],
+                f"{source}: pod label app.kubernetes.io/instance is not the CaviCluster's name, so the cluster label would be wrong")
+        ports = {p.get("name") for c in template["spec"]["containers"] for p in c.get("ports") or []}
+        require(ep["port"] in ports, f"{source}: the node pods have no port named {ep['port']} (ports: {sorted(ports)})")
+    return f"matches the pods of {len(operator_renders)} rendered examples on port {ep['port']}"
+
+
+# --------------------------------------------------------------------------
+# Shell scripts and the e2e dry run
+# --------------------------------------------------------------------------
+
+
+def check_shellcheck() -> str:
+    run_tool([tool("shellcheck", "shellcheck"), *[rel(p) for p in SHELL_SCRIPTS]])
+    return ", ".join(rel(p) for p in SHELL_SCRIPTS)
+
+
+# What the dry run must print: the install from a values file, then each step.
+E2E_DRY_RUN_EXPECTS = [
+    ("the values file carries the log filter", r'^    \|   logLevel: "info,cavi_operator=debug"$'),
+    ("helm install with the values file",
+     r"^\+ helm --kubeconfig \S+ --kube-context \S+ install cavi-operator \S+/charts/cavi-operator .*-f \S+/values\.yaml( |$)"),
+    ("persistence: delete a pod of the Persistent cluster", r"^\+ kubectl .* delete pod durable-1 "),
+    ("persistence: read every key back after it", r"reading back \d+ keys \(after pod durable-1 was deleted\)"),
+    ("operator /metrics through a port-forward", r"^\+ kubectl .* port-forward svc/cavi-operator-metrics :8080$"),
+    ("operator /metrics fetched", r"^\+ curl .*http://127\.0\.0\.1:\S+/metrics$"),
+    ("storage change refused: wait for the reason", r"""\{\.status\.conditions\[\?\(@\.type=="Ready"\)\]\.reason\}=StorageWouldChange"""),
+    ("split to 3 shards", r"""patch cavicluster durable --type merge -p .*"rangeStart":"n","rangeEnd":"s"\},\{"rangeStart":"t","rangeEnd":"z"\}"""),
+    ("wait for Rebalancing=False", r"""\{\.status\.conditions\[\?\(@\.type=="Rebalancing"\)\]\.status\}=False"""),
+    ("3 shards in kubectl get cavi", r"check: kubectl get cavi durable: SHARDS is '3'"),
+    ("merge back to 2 shards", r"""patch cavicluster durable --type merge -p '\{"spec":\{"shards":\[\{"rangeStart":"a","rangeEnd":"m"\},\{"rangeStart":"n","rangeEnd":"z"\}\]\}\}'"""),
+    ("StatefulSet scaled down to 2", r"check: StatefulSet durable replicas is '2'"),
+    ("read back after the merge", r"reading back \d+ keys \(after the merge\)"),
+    ("resources edit", r"""patch cavicluster durable --type merge -p '\{"spec":\{"resources":\{"requests":\{"cpu":"""),
+    ("wait for RolloutComplete", r"""\{\.status\.conditions\[\?\(@\.type=="Progressing"\)\]\.reason\}=RolloutComplete"""),
+    ("read back after the rollout", r"reading back \d+ keys \(after the rollout\)"),
+    ("helm upgrade with a CRD that has an extra field", r"^\+ helm .* upgrade cavi-operator \S+/chart-extra-field .*-f \S+/values\.yaml"),
+    ("the extra field checked on the live CRD", r"e2eUpgradeProbe\.type\}"),
+    ("helm uninstall", r"^\+ helm .* uninstall cavi-operator "),
+    ("the CRD checked after the uninstall", r"check: CRD after helm uninstall is 'caviclusters\.cavi\.dev'"),
+    ("the kind cluster deleted", r"^\+ kind delete cluster --name "),
+]
+
+
+def check_e2e_dry_run() -> str:
+    """`kind-e2e.sh --dry-run` runs none of docker, kind, kubectl, helm and curl
+    (stand-ins on PATH record any call and fail), exits 0 and prints each step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        calls = Path(tmp) / "calls"
+        for name in ("docker", "kind", "kubectl", "helm", "curl"):
+            stub = Path(tmp) / name
+            stub.write_text(f'#!/bin/sh\necho "{name} $*" >>"{calls}"\nexit 1\n')
+            stub.chmod(0o755)
+        env = {**os.environ, "PATH": f"{tmp}:{os.environ['PATH']}"}
+        proc = subprocess.run(["bash", str(E2E), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+        ran = calls.read_text() if calls.exists() else ""
+    out = proc.stdout + proc.stderr
+    require(proc.returncode == 0, f"exited {proc.returncode}:\n" + "\n".join(out.splitlines()[-20:]))
+    require(not ran, f"the dry run ran real commands:\n{ran}")
+    lines = out.splitlines()
+    missing = [what for what, pattern in E2E_DRY_RUN_EXPECTS if not any(re.search(pattern, l) for l in lines)]
+    require(not missing, "the dry run does not show: " + "; ".join(missing))
+    require(not any(re.match(r"^\+ helm .*--set", l) for l in lines),
+            "helm is given --set/--set-string; the e2e passes values in a file")
+    order = [next(i for i, l in enumerate(lines) if re.search(p, l)) for _, p in E2E_DRY_RUN_EXPECTS[-3:-1]]
+    require(order == sorted(order), "the CRD is checked before helm uninstall")
+    commands = sum(1 for l in lines if l.startswith("+ "))
+    return f"{commands} commands, every step shown, nothing run"
 
 
 # --------------------------------------------------------------------------
@@ -896,13 +1428,18 @@ def main() -> int:
             return validate_docs(docs, f"cavi-operator render -f {rel(path)}") + ": " + ", ".join(kinds)
         report.run(f"schemas {versions}: cavi-operator render -f {rel(path)}", render_example)
 
+    plain_operator = load_docs((ROOT / "deploy" / "operator.yaml").read_text(), "deploy/operator.yaml")
+
     def rbac_parity() -> str:
-        plain = load_docs((ROOT / "deploy" / "operator.yaml").read_text(), "deploy/operator.yaml")
-        require(rbac_rules(plain) == rbac_rules(rendered["defaults"]),
+        require(rbac_rules(plain_operator) == rbac_rules(rendered["defaults"]),
                 "the ClusterRole/Role rules of deploy/operator.yaml and the chart differ")
         return "ClusterRole and Role rules identical"
     if "defaults" in rendered:
         report.run("rbac: deploy/operator.yaml and the chart grant the same rules", rbac_parity)
+        report.run("rbac: chart and deploy/operator.yaml grant exactly what `cavi-operator rbac` prints",
+                   lambda: check_rbac_matches_operator(rendered["defaults"], plain_operator))
+        report.run("operator env: every variable the manifests set is one `cavi-operator run` reads",
+                   lambda: check_operator_env(rendered["defaults"], plain_operator))
 
     # The image.
     report.run("image: Dockerfile and .dockerignore match the workspace", check_dockerfile)
@@ -921,6 +1458,8 @@ def main() -> int:
     # 3. CRD identity.
     report.run(f"crd: {rel(CRD_FILE)} == `cavi-operator crd`", check_crd_generated)
     report.run(f"crd: chart copy {rel(CHART_CRD)} == {rel(CRD_FILE)}", check_chart_crd_copy)
+    report.run("crd: spec.image has no default (CaviClusters without one run the default node image)", check_crd_image_default)
+    report.run("crd: a template, kept per crds.keep, re-rendered when it changes (helm upgrade applies it)", check_crd_template)
 
     # 4. Pod Security Standard "restricted".
     for label in ("defaults", "scheduling and operator overrides"):
@@ -936,7 +1475,18 @@ def main() -> int:
         else:
             report.fail(f"pods restricted: cavi-operator render -f {src}", "nothing rendered (see the render check above)")
 
-    # 5. The kind e2e (skips where its tools are missing).
+    # 5. Monitoring kit.
+    report.run(f"monitoring: promtool check rules {rel(RULES_FILE)}", check_promtool_rules)
+    report.run(f"monitoring: promtool test rules {rel(RULES_TESTS)}", check_promtool_tests)
+    report.run("monitoring: alerts have severity, summary, description, known series", check_rules_content)
+    report.run(f"monitoring: dashboard {rel(DASHBOARD_FILE)} (panels, PromQL targets)", check_dashboard)
+    if "monitoring kit enabled" in rendered and operator_renders:
+        report.run("monitoring: the PodMonitor selects the node pods `cavi-operator render` makes",
+                   lambda: check_pod_monitor_selects_nodes(the(rendered["monitoring kit enabled"], "PodMonitor"), operator_renders))
+
+    # 6. Shell scripts, the e2e dry run, then the kind e2e (skips where its tools are missing).
+    report.run("shellcheck: every shell script", check_shellcheck)
+    report.run(f"e2e: {rel(E2E)} --dry-run", check_e2e_dry_run)
     run_e2e(report)
 
     if report.skipped:

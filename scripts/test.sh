@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check of the project: formatting, lints, all Rust tests (unit,
-# mocked API server, real node processes), then the Kubernetes manifest and
-# chart checks (which set up their own Python venv on first use).
+# mocked API server, real node processes), then the Kubernetes manifest, chart
+# and monitoring checks, shellcheck and the kind e2e dry run (which set up their
+# own Python venv on first use and need shellcheck and promtool: .ci/run
+# installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -26,14 +26,28 @@ struct Reason {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    namespace: String,
+    cluster: String,
+}
+
 /// Counters the reconciler updates and `/metrics` prints.
-#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
     failures: Family<Reason, Counter>,
     duration: Histogram,
     leader: Gauge,
+    stalled: Family<ClusterLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("reconciles", &self.reconciles.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
@@ -60,12 +74,19 @@ impl Default for Metrics {
             "Whether this replica holds the leader lease",
             leader.clone(),
         );
+        let stalled = Family::<ClusterLabels, Gauge>::default();
+        registry.register(
+            "rebalance_stalled",
+            "1 while a cluster's layout change makes no progress (condition Degraded, reason RebalanceStalled)",
+            stalled.clone(),
+        );
         Self {
             registry,
             reconciles,
             failures,
             duration,
             leader,
+            stalled,
         }
     }
 }
@@ -82,6 +103,19 @@ impl Metrics {
                 .inc();
         }
         self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Whether `namespace/cluster`'s layout change is stalled.
+    pub fn set_stalled(&self, namespace: &str, cluster: &str, stalled: bool) {
+        let labels = ClusterLabels {
+            namespace: namespace.to_owned(),
+            cluster: cluster.to_owned(),
+        };
+        if stalled {
+            self.stalled.get_or_create(&labels).set(1);
+        } else if self.stalled.get(&labels).is_some() {
+            self.stalled.get_or_create(&labels).set(0);
+        }
     }
 
     pub fn set_leader(&self, leader: bool) {

@@ -6,21 +6,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::runtime::events::Reporter;
-use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::build::{LABEL_MANAGED_BY, MANAGER};
+use crate::build::{APP_NAME, BuildOptions, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGER};
 use crate::crd::{CRD_NAME, CRD_PATH, CaviCluster};
 use crate::leader::{LeaderElector, LeaseTiming};
-use crate::reconcile::{Context, error_policy, reconcile};
+use crate::reconcile::{Context, Stores, Timings, error_policy, reconcile};
 
 /// Options of `cavi-operator run`.
 #[derive(Debug, Clone)]
@@ -36,6 +40,10 @@ pub struct RunOptions {
     pub lease_namespace: Option<String>,
     /// This replica's identity in the Lease and in events.
     pub identity: String,
+    /// The image nodes run when a CaviCluster names none.
+    pub default_node_image: String,
+    /// The cluster's DNS domain (pods' addresses end in `svc.<domain>`).
+    pub cluster_domain: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +79,33 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// A reflector store of `K` (by `selector`) and the stream of changes that
+/// feeds it and triggers reconciles (deletions included).
+fn reflected<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    selector: &watcher::Config,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let stream = watcher(child_api::<K>(client, namespace), selector.clone())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
 }
 
 /// Fails with an install hint when the CRD is missing.
@@ -138,16 +173,45 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         controller: crate::build::MANAGER.into(),
         instance: Some(options.identity.clone()),
     };
+    let children = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+    let node_pods = watcher::Config::default().labels(&format!("{LABEL_NAME}={APP_NAME}"));
+    let (config_maps, config_map_events) = reflected::<ConfigMap>(&client, ns, &children);
+    let (services, service_events) = reflected::<Service>(&client, ns, &children);
+    let (stateful_sets, stateful_set_events) = reflected::<StatefulSet>(&client, ns, &children);
+    let (budgets, budget_events) = reflected::<PodDisruptionBudget>(&client, ns, &children);
+    let (policies, policy_events) = reflected::<NetworkPolicy>(&client, ns, &children);
+    let (pods, pod_events) = reflected::<Pod>(&client, ns, &node_pods);
+    let stores = Stores {
+        config_maps,
+        services,
+        stateful_sets,
+        disruption_budgets: budgets,
+        network_policies: policies,
+        pods,
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         reporter,
         state.metrics.clone(),
+        BuildOptions::new(
+            options.default_node_image.clone(),
+            options.cluster_domain.clone(),
+        ),
+        stores,
+        Timings::default(),
     ));
-    let children = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
     let controller = Controller::new(clusters, watcher::Config::default().any_semantic())
-        .owns(child_api::<ConfigMap>(&client, ns), children.clone())
-        .owns(child_api::<Service>(&client, ns), children.clone())
-        .owns(child_api::<StatefulSet>(&client, ns), children)
+        .owns_stream(config_map_events)
+        .owns_stream(service_events)
+        .owns_stream(stateful_set_events)
+        .owns_stream(budget_events)
+        .owns_stream(policy_events)
+        // Pods belong to the StatefulSet: they name their cluster by label.
+        .watches_stream(pod_events, |pod: Pod| {
+            let namespace = pod.namespace()?;
+            let cluster = pod.labels().get(LABEL_INSTANCE)?;
+            Some(ObjectRef::<CaviCluster>::new(cluster).within(&namespace))
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

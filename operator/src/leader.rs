@@ -8,6 +8,16 @@
 //! between nodes does not matter). Every write carries the
 //! `resourceVersion` it read, so two candidates racing for an expired lease
 //! cannot both win: the loser gets a 409 Conflict.
+//!
+//! A leader that cannot renew (the API server hangs, or the network cut it
+//! off) gives up once `renew_deadline` has passed since its last renewal,
+//! which is shorter than the lease duration another replica waits out: so
+//! the old leader has stopped before a new one can start. Every API call
+//! has a timeout, so a hung call cannot hold it past the deadline.
+//!
+//! (kube-lease-manager fits kube 5 too; this elector is kept because its
+//! give-up deadline is explicit and tested, and it needs no more than
+//! get/create/update on one Lease.)
 
 use std::sync::Mutex;
 use std::sync::PoisonError;
@@ -26,20 +36,36 @@ use tracing::{info, warn};
 pub struct LeaseTiming {
     /// How long a lease is valid without renewal.
     pub lease_duration: Duration,
+    /// How long the leader keeps leading without a successful renewal;
+    /// shorter than `lease_duration`.
+    pub renew_deadline: Duration,
     /// How often the holder renews.
     pub renew_every: Duration,
     /// How often a candidate tries to acquire.
     pub retry_every: Duration,
+    /// Longest wait for one API call.
+    pub call_timeout: Duration,
 }
 
 impl Default for LeaseTiming {
     fn default() -> Self {
         Self {
             lease_duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(5),
+            renew_deadline: Duration::from_secs(10),
+            renew_every: Duration::from_secs(2),
             retry_every: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(3),
         }
     }
+}
+
+/// Why one round of the election failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error("no answer from the API server within {0:?}")]
+    Timeout(Duration),
 }
 
 /// One candidate for one Lease.
@@ -92,9 +118,13 @@ impl LeaderElector {
 
     /// One round: creates, renews or takes over the lease when it may.
     /// Returns whether this candidate holds the lease afterwards.
-    pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+    pub async fn try_acquire_or_renew(&self) -> Result<bool, LeaseError> {
+        let limit = self.timing.call_timeout;
         let now = MicroTime(Timestamp::now());
-        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+        let read = tokio::time::timeout(limit, self.api.get_opt(&self.name))
+            .await
+            .map_err(|_| LeaseError::Timeout(limit))??;
+        let Some(mut lease) = read else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
@@ -109,7 +139,11 @@ impl LeaderElector {
                     ..LeaseSpec::default()
                 }),
             };
-            return lost_race(self.api.create(&PostParams::default(), &lease).await);
+            let created =
+                tokio::time::timeout(limit, self.api.create(&PostParams::default(), &lease))
+                    .await
+                    .map_err(|_| LeaseError::Timeout(limit))?;
+            return lost_race(created);
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let held_by_me = spec.holder_identity.as_deref() == Some(self.identity.as_str());
@@ -134,11 +168,13 @@ impl LeaderElector {
             return Ok(false);
         };
         lease.spec = Some(next);
-        lost_race(
-            self.api
-                .replace(&self.name, &PostParams::default(), &lease)
-                .await,
+        let written = tokio::time::timeout(
+            limit,
+            self.api.replace(&self.name, &PostParams::default(), &lease),
         )
+        .await
+        .map_err(|_| LeaseError::Timeout(limit))?;
+        lost_race(written)
     }
 
     /// Waits until this candidate holds the lease. API errors are logged
@@ -157,25 +193,32 @@ impl LeaderElector {
         }
     }
 
-    /// Renews the lease until it is lost, which this returns on: when a
-    /// renewal fails for longer than the lease lasts, another replica may
-    /// already lead.
+    /// Renews the lease until it is lost, which this returns on: taken by
+    /// another replica, or not renewed for `renew_deadline` (another
+    /// replica may take it over once the lease duration has passed, and
+    /// this one must have stopped by then).
     pub async fn hold(&self) {
         let mut last_renewal = Instant::now();
         loop {
-            tokio::time::sleep(self.timing.renew_every).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = Instant::now(),
-                Ok(false) => {
+            let deadline = last_renewal + self.timing.renew_deadline;
+            let wake = (Instant::now() + self.timing.renew_every).min(deadline);
+            tokio::time::sleep_until(wake).await;
+            if Instant::now() >= deadline {
+                warn!(
+                    deadline = ?self.timing.renew_deadline,
+                    "could not renew the leader lease in time; stepping down"
+                );
+                return;
+            }
+            let attempt = tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await;
+            match attempt {
+                Ok(Ok(true)) => last_renewal = Instant::now(),
+                Ok(Ok(false)) => {
                     warn!("the leader lease was taken by another replica");
                     return;
                 }
-                Err(error) => {
-                    warn!(%error, "could not renew the leader lease");
-                    if last_renewal.elapsed() >= self.timing.lease_duration {
-                        return;
-                    }
-                }
+                Ok(Err(error)) => warn!(%error, "could not renew the leader lease"),
+                Err(_) => {}
             }
         }
     }
@@ -183,7 +226,10 @@ impl LeaderElector {
     /// Gives the lease up so a standby takes over at once, not after the
     /// lease expires. Best effort.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+        let limit = self.timing.call_timeout;
+        let Ok(Ok(Some(mut lease))) =
+            tokio::time::timeout(limit, self.api.get_opt(&self.name)).await
+        else {
             return;
         };
         let Some(spec) = lease.spec.as_mut() else {
@@ -194,21 +240,24 @@ impl LeaderElector {
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
-        if let Err(error) = self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
+        match tokio::time::timeout(
+            limit,
+            self.api.replace(&self.name, &PostParams::default(), &lease),
+        )
+        .await
         {
-            warn!(%error, "could not release the leader lease");
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => warn!(%error, "could not release the leader lease"),
+            Err(_) => warn!("could not release the leader lease: no answer"),
         }
     }
 }
 
 /// A 409 (another candidate wrote first) means "not leader", not an error.
-fn lost_race(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+fn lost_race(result: Result<Lease, kube::Error>) -> Result<bool, LeaseError> {
     match result {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-        Err(error) => Err(error),
+        Err(error) => Err(error.into()),
     }
 }

@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use cavi_operator::build::{BuildOptions, DEFAULT_CLUSTER_DOMAIN};
 use cavi_operator::controller::{self, RunOptions};
 use cavi_operator::telemetry::{self, LogFormat};
-use cavi_operator::{crd, render};
+use cavi_operator::{crd, rbac, render};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -26,12 +27,20 @@ enum Command {
     Run(RunArgs),
     /// Print the CaviCluster CRD as YAML.
     Crd,
+    /// Print the RBAC rules the operator needs, as YAML.
+    Rbac,
     /// Print the objects the operator would create for a CaviCluster file,
     /// as a multi-document YAML stream, without a cluster.
     Render {
         /// The CaviCluster manifest (`-` for stdin).
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// The image nodes run when the file names none.
+        #[arg(long, env = "CAVI_OPERATOR_NODE_IMAGE", default_value = crd::DEFAULT_IMAGE)]
+        default_node_image: String,
+        /// The cluster's DNS domain.
+        #[arg(long, env = "CAVI_OPERATOR_CLUSTER_DOMAIN", default_value = DEFAULT_CLUSTER_DOMAIN)]
+        cluster_domain: String,
     },
 }
 
@@ -62,6 +71,14 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "CAVI_OPERATOR_LOG_FORMAT", value_enum, default_value_t = Format::Text)]
     log_format: Format,
+    /// The image nodes run when a CaviCluster names none (the chart passes
+    /// the operator's own image).
+    #[arg(long, env = "CAVI_OPERATOR_NODE_IMAGE", default_value = crd::DEFAULT_IMAGE)]
+    default_node_image: String,
+    /// The cluster's DNS domain: pods reach each other at
+    /// `<pod>.<name>-headless.<namespace>.svc.<domain>`.
+    #[arg(long, env = "CAVI_OPERATOR_CLUSTER_DOMAIN", default_value = DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,8 +94,18 @@ async fn main() -> ExitCode {
         Command::Crd => crd::crd_yaml()
             .map(|yaml| print!("{yaml}"))
             .map_err(|e| e.to_string()),
-        Command::Render { file } => read(&file)
-            .and_then(|text| render::render(&text).map_err(|e| format!("{}: {e}", file.display())))
+        Command::Rbac => rbac::rbac_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(|e| e.to_string()),
+        Command::Render {
+            file,
+            default_node_image,
+            cluster_domain,
+        } => read(&file)
+            .and_then(|text| {
+                let opts = BuildOptions::new(default_node_image, cluster_domain);
+                render::render(&text, &opts).map_err(|e| format!("{}: {e}", file.display()))
+            })
             .map(|yaml| print!("{yaml}")),
         Command::Run(args) => {
             telemetry::init(match args.log_format {
@@ -96,6 +123,8 @@ async fn main() -> ExitCode {
                 lease_name: args.lease_name,
                 lease_namespace: args.lease_namespace,
                 identity,
+                default_node_image: args.default_node_image,
+                cluster_domain: args.cluster_domain,
             })
             .await
             .map_err(|e| e.to_string())

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::build::{BuildError, Children, Names};
+use crate::build::{BuildError, BuildOptions, Children, Names};
 use crate::crd::CaviCluster;
 use crate::validate::validate;
 
@@ -28,8 +28,9 @@ pub enum RenderError {
     },
 }
 
-/// Renders every `CaviCluster` document of `text`.
-pub fn render(text: &str) -> Result<String, RenderError> {
+/// Renders every `CaviCluster` document of `text`, as the operator with
+/// `opts` would build them for a new cluster.
+pub fn render(text: &str, opts: &BuildOptions) -> Result<String, RenderError> {
     let mut out = String::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml::Value::deserialize(document)?;
@@ -57,14 +58,14 @@ pub fn render(text: &str) -> Result<String, RenderError> {
             .clone()
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
         // The same validation the operator runs, so a file that renders is
-        // one the operator accepts (the key-move check needs a live cluster).
+        // one the operator accepts (the kept-keys check needs a live cluster).
         let names = Names::new(&cluster, &namespace)?;
         validate(&names, &cluster.spec, None).map_err(|invalid| RenderError::Refused {
             name: names.cluster.clone(),
             reason: invalid.reason,
             message: invalid.message,
         })?;
-        out.push_str(&Children::build(&cluster, &namespace)?.to_yaml_stream()?);
+        out.push_str(&Children::of_spec(&cluster, &namespace, opts)?.to_yaml_stream()?);
     }
     if out.is_empty() {
         return Err(RenderError::Empty);

@@ -1,26 +1,63 @@
-//! The last stage of the reconcile pipeline: what the cluster looks like,
-//! computed from the StatefulSet and its pods. Pure: the caller passes the
-//! observed objects and the clock, and patches the result only when it
-//! differs from the status already stored.
+//! The last stage of the reconcile pipeline: what the cluster looks like.
+//! Pure: the caller passes what it observed and decided, and the clock,
+//! and patches the result only when it differs from the status stored.
+//!
+//! The conditions tell the truth during changes:
+//! - `Ready`: every shard of the layout the pods serve has a ready pod,
+//!   now. Its `observedGeneration` is the newest generation that is fully
+//!   live (nothing left to roll or move), so `kubectl wait
+//!   --for=condition=Ready` after an edit returns once the edit is live.
+//! - `Progressing`: a pod-template rollout (or pods being created); False
+//!   with `ProgressDeadlineExceeded` or `RolloutHeld` when it is stuck.
+//! - `Rebalancing`: keys are moving to a new layout.
+//! - `Degraded`: a fault only: a shard down outside a rollout, an object the
+//!   API server refused, a layout change that stopped making progress.
 
-use cavi_node::config::ClusterConfig;
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::build::Names;
-use crate::crd::{CaviClusterStatus, ShardStatus};
+use crate::crd::{AssignedRange, CaviClusterStatus, Migration, RolloutStatus, ShardStatus};
 use crate::validate::Invalid;
 
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_PROGRESSING: &str = "Progressing";
+pub const CONDITION_REBALANCING: &str = "Rebalancing";
 pub const CONDITION_DEGRADED: &str = "Degraded";
 
 pub const PHASE_RUNNING: &str = "Running";
 pub const PHASE_PROGRESSING: &str = "Progressing";
+pub const PHASE_REBALANCING: &str = "Rebalancing";
 pub const PHASE_DEGRADED: &str = "Degraded";
 pub const PHASE_INVALID: &str = "Invalid";
+
+pub const REASON_APPLY_FAILED: &str = "ApplyFailed";
+pub const REASON_REBALANCE_STALLED: &str = "RebalanceStalled";
+pub const REASON_PROGRESS_DEADLINE: &str = "ProgressDeadlineExceeded";
+pub const REASON_ROLLOUT_HELD: &str = "RolloutHeld";
+
+/// A pod-template rollout as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutView {
+    pub status: RolloutStatus,
+    /// Ordinals restarting as part of the rollout (down, but no fault).
+    pub restarting: Vec<i32>,
+    /// What it does or waits for, in words.
+    pub doing: String,
+    /// Why it is stuck, when it is: (reason, message).
+    pub stuck: Option<(&'static str, String)>,
+}
+
+/// A layout change as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RebalanceView {
+    /// One line for `kubectl get cavi`.
+    pub summary: String,
+    pub migrations: Vec<Migration>,
+    /// Why it stopped making progress, when it did.
+    pub stalled: Option<String>,
+}
 
 /// Everything the status is computed from.
 pub struct Observed<'a> {
@@ -29,13 +66,21 @@ pub struct Observed<'a> {
     /// The status stored now (its transition times are kept when a
     /// condition does not change).
     pub previous: Option<&'a CaviClusterStatus>,
-    /// The layout the pods serve: the new one when the spec was accepted,
-    /// the applied one when it was refused.
-    pub layout: &'a ClusterConfig,
+    /// The layout the pods serve.
+    pub layout: &'a [AssignedRange],
+    /// Where the layout is going, while keys move.
+    pub target_layout: &'a [AssignedRange],
+    /// The epoch of the nodes' map, when known.
+    pub epoch: Option<u64>,
     /// Why the spec was refused, if it was.
     pub invalid: Option<&'a Invalid>,
-    pub stateful_set: Option<&'a StatefulSet>,
+    /// The API server's refusal of a child, if it refused one.
+    pub apply_failed: Option<&'a str>,
     pub pods: &'a [Pod],
+    /// Pods the StatefulSet should have and does not have yet.
+    pub pods_missing: i32,
+    pub rollout: Option<&'a RolloutView>,
+    pub rebalance: Option<&'a RebalanceView>,
 }
 
 /// Whether a pod is ready and not on its way out.
@@ -48,46 +93,25 @@ pub fn pod_is_ready(pod: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Why the StatefulSet's rollout is not finished, or `None` when it is.
-pub fn rollout_pending(sts: Option<&StatefulSet>) -> Option<String> {
-    let Some(sts) = sts else {
-        return Some("the StatefulSet does not exist yet".into());
-    };
-    let want = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let Some(status) = sts.status.as_ref() else {
-        return Some("the StatefulSet has no status yet".into());
-    };
-    if status.observed_generation.unwrap_or(0) < sts.metadata.generation.unwrap_or(0) {
-        return Some("the StatefulSet controller has not seen the latest spec yet".into());
-    }
-    let updated = status.updated_replicas.unwrap_or(0);
-    if updated < want {
-        return Some(format!("{updated} of {want} pods run the latest template"));
-    }
-    match (&status.current_revision, &status.update_revision) {
-        (Some(current), Some(update)) if current != update => {
-            Some(format!("rolling from revision {current} to {update}"))
-        }
-        _ => None,
-    }
-}
-
 /// Computes the status to store.
 pub fn compute(names: &Names, observed: &Observed<'_>, now: Timestamp) -> CaviClusterStatus {
-    let shards: Vec<ShardStatus> = observed
-        .layout
-        .shards
+    let mut layout: Vec<&AssignedRange> = observed.layout.iter().collect();
+    layout.sort_by(|a, b| a.range_start.cmp(&b.range_start));
+    let shards: Vec<ShardStatus> = layout
         .iter()
-        .enumerate()
-        .map(|(i, shard)| {
-            let pod = names.pod(i);
+        .map(|r| {
+            let pod = names.pod(u32::try_from(r.ordinal).unwrap_or(0));
             let ready = observed
                 .pods
                 .iter()
                 .any(|p| p.metadata.name.as_deref() == Some(pod.as_str()) && pod_is_ready(p));
             ShardStatus {
-                id: i32::try_from(shard.id).unwrap_or(i32::MAX),
-                range: shard.range().to_string(),
+                id: r.ordinal,
+                range: cavi_node::keyspace::KeyRange::new(
+                    r.range_start.clone(),
+                    r.range_end.clone(),
+                )
+                .to_string(),
                 pod,
                 ready,
             }
@@ -95,43 +119,70 @@ pub fn compute(names: &Names, observed: &Observed<'_>, now: Timestamp) -> CaviCl
         .collect();
     let shard_count = i32::try_from(shards.len()).unwrap_or(i32::MAX);
     let ready_shards = i32::try_from(shards.iter().filter(|s| s.ready).count()).unwrap_or(0);
-    let not_ready: Vec<&str> = shards
+    let mut not_ready: Vec<&str> = shards
         .iter()
         .filter(|s| !s.ready)
         .map(|s| s.pod.as_str())
         .collect();
-    let rollout = rollout_pending(observed.stateful_set);
+    not_ready.dedup();
 
     let previous = observed
         .previous
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-    let cond = |type_: &str, status: bool, reason: &str, message: String| {
-        condition(
-            previous,
-            type_,
-            status,
-            reason,
-            message,
-            observed.generation,
-            now,
-        )
+    let cond =
+        |type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>| {
+            condition(previous, type_, status, reason, message, generation, now)
+        };
+    let generation = observed.generation;
+    let rolling = observed.rollout.is_some() || observed.pods_missing > 0;
+    let rebalancing = observed.rebalance.is_some();
+    let settled =
+        observed.invalid.is_none() && observed.apply_failed.is_none() && !rolling && !rebalancing;
+    // The newest generation fully live: this one once settled, else the
+    // one the previous Ready condition named.
+    let live_generation = if settled {
+        generation
+    } else {
+        previous
+            .iter()
+            .find(|c| c.type_ == CONDITION_READY)
+            .and_then(|c| c.observed_generation)
     };
 
-    let ready = match (observed.invalid, not_ready.is_empty()) {
-        (Some(invalid), _) => cond(
+    let ready = match (
+        observed.invalid,
+        observed.apply_failed,
+        not_ready.is_empty(),
+    ) {
+        (Some(invalid), _, _) => cond(
             CONDITION_READY,
             false,
             invalid.reason,
             invalid.message.clone(),
+            generation,
         ),
-        (None, true) => cond(
+        (None, Some(refused), _) => cond(
+            CONDITION_READY,
+            false,
+            REASON_APPLY_FAILED,
+            refused.to_owned(),
+            generation,
+        ),
+        (None, None, true) => cond(
             CONDITION_READY,
             true,
             "AllShardsReady",
-            format!("all {shard_count} shards are ready"),
+            if settled {
+                format!("all {shard_count} shards are ready")
+            } else {
+                format!(
+                    "all {shard_count} shards are serving; the latest change is still being applied"
+                )
+            },
+            live_generation,
         ),
-        (None, false) => cond(
+        (None, None, false) => cond(
             CONDITION_READY,
             false,
             "ShardsNotReady",
@@ -139,54 +190,141 @@ pub fn compute(names: &Names, observed: &Observed<'_>, now: Timestamp) -> CaviCl
                 "{ready_shards} of {shard_count} shards ready; not ready: {}",
                 not_ready.join(", ")
             ),
+            live_generation,
         ),
     };
-    let progressing = match &rollout {
-        Some(why) => cond(CONDITION_PROGRESSING, true, "RollingOut", why.clone()),
-        None => cond(
+
+    let progressing = match (observed.rollout, observed.pods_missing) {
+        (Some(rollout), _) => match &rollout.stuck {
+            Some((reason, message)) => cond(
+                CONDITION_PROGRESSING,
+                false,
+                reason,
+                message.clone(),
+                generation,
+            ),
+            None => cond(
+                CONDITION_PROGRESSING,
+                true,
+                "RollingOut",
+                format!(
+                    "{} of {} pods updated; {}",
+                    rollout.status.updated, rollout.status.pods, rollout.doing
+                ),
+                generation,
+            ),
+        },
+        (None, missing) if missing > 0 => cond(
+            CONDITION_PROGRESSING,
+            true,
+            "CreatingPods",
+            format!("{missing} pod(s) being created"),
+            generation,
+        ),
+        _ => cond(
             CONDITION_PROGRESSING,
             false,
             "RolloutComplete",
             "every pod runs the latest template".into(),
+            generation,
         ),
     };
-    let degraded_now = rollout.is_none() && !not_ready.is_empty();
-    let degraded = if degraded_now {
-        cond(
+
+    let rebalancing_cond = match observed.rebalance {
+        Some(r) => cond(
+            CONDITION_REBALANCING,
+            true,
+            "Moving",
+            r.summary.clone(),
+            generation,
+        ),
+        None => cond(
+            CONDITION_REBALANCING,
+            false,
+            "Balanced",
+            "every shard serves the layout of the spec".into(),
+            generation,
+        ),
+    };
+
+    // A pod may be down because the rollout restarts it: not a fault.
+    let restarting: Vec<String> = observed
+        .rollout
+        .map(|r| {
+            r.restarting
+                .iter()
+                .map(|o| names.pod(u32::try_from(*o).unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let down: Vec<&str> = not_ready
+        .iter()
+        .copied()
+        .filter(|p| !restarting.iter().any(|r| r == p) && observed.pods_missing == 0)
+        .collect();
+    let stalled = observed.rebalance.and_then(|r| r.stalled.as_deref());
+    let degraded = match (observed.apply_failed, stalled, down.is_empty()) {
+        (Some(refused), _, _) => cond(
+            CONDITION_DEGRADED,
+            true,
+            REASON_APPLY_FAILED,
+            refused.to_owned(),
+            generation,
+        ),
+        (None, Some(why), _) => cond(
+            CONDITION_DEGRADED,
+            true,
+            REASON_REBALANCE_STALLED,
+            why.to_owned(),
+            generation,
+        ),
+        (None, None, false) => cond(
             CONDITION_DEGRADED,
             true,
             "ShardsDown",
             format!(
                 "not ready outside a rollout: {}; keys of those shards cannot be served",
-                not_ready.join(", ")
+                down.join(", ")
             ),
-        )
-    } else {
-        cond(
+            generation,
+        ),
+        (None, None, true) => cond(
             CONDITION_DEGRADED,
             false,
-            "NoShardDown",
-            "no shard is down outside a rollout".into(),
-        )
+            "NoFault",
+            "no fault".into(),
+            generation,
+        ),
     };
 
     let phase = if observed.invalid.is_some() {
         PHASE_INVALID
-    } else if rollout.is_some() {
-        PHASE_PROGRESSING
-    } else if degraded_now {
+    } else if degraded.status == "True" {
         PHASE_DEGRADED
+    } else if rebalancing {
+        PHASE_REBALANCING
+    } else if rolling {
+        PHASE_PROGRESSING
     } else {
         PHASE_RUNNING
     };
 
     CaviClusterStatus {
-        observed_generation: observed.generation,
+        observed_generation: generation,
         shard_count,
         ready_shards,
         phase: Some(phase.into()),
+        epoch: observed.epoch,
+        layout: observed.layout.to_vec(),
+        target_layout: observed.target_layout.to_vec(),
+        migrations: observed
+            .rebalance
+            .map(|r| r.migrations.clone())
+            .unwrap_or_default(),
+        rebalance: observed.rebalance.map(|r| r.summary.clone()),
+        rollout: observed.rollout.map(|r| r.status.clone()),
         shards,
-        conditions: vec![ready, progressing, degraded],
+        conditions: vec![ready, progressing, rebalancing_cond, degraded],
     }
 }
 
@@ -227,8 +365,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use cavi_node::config::ShardConfig;
-    use k8s_openapi::api::apps::v1::{StatefulSetSpec, StatefulSetStatus};
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -239,18 +375,14 @@ mod tests {
         }
     }
 
-    fn layout(n: u32) -> ClusterConfig {
-        ClusterConfig {
-            epoch: 0,
-            shards: (0..n)
-                .map(|i| ShardConfig {
-                    id: i,
-                    addr: format!("h{i}:1"),
-                    range_start: format!("k{i}"),
-                    range_end: Some(format!("k{i}")),
-                })
-                .collect(),
-        }
+    fn layout(n: i32) -> Vec<AssignedRange> {
+        (0..n)
+            .map(|i| AssignedRange {
+                ordinal: i,
+                range_start: format!("k{i}"),
+                range_end: Some(format!("k{i}")),
+            })
+            .collect()
     }
 
     pub(crate) fn pod(name: &str, ready: bool) -> Pod {
@@ -271,51 +403,24 @@ mod tests {
         }
     }
 
-    fn sts(replicas: i32, updated: i32, rolling: bool) -> StatefulSet {
-        StatefulSet {
-            metadata: ObjectMeta {
-                generation: Some(2),
-                ..ObjectMeta::default()
-            },
-            spec: Some(StatefulSetSpec {
-                replicas: Some(replicas),
-                ..StatefulSetSpec::default()
-            }),
-            status: Some(StatefulSetStatus {
-                observed_generation: Some(2),
-                replicas,
-                updated_replicas: Some(updated),
-                current_revision: Some("r1".into()),
-                update_revision: Some(if rolling { "r2" } else { "r1" }.into()),
-                ..StatefulSetStatus::default()
-            }),
-        }
-    }
-
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap()
     }
 
-    fn compute_with(
-        layout: &ClusterConfig,
-        sts: Option<&StatefulSet>,
-        pods: &[Pod],
-        invalid: Option<&Invalid>,
-        previous: Option<&CaviClusterStatus>,
-        now: Timestamp,
-    ) -> CaviClusterStatus {
-        compute(
-            &names(),
-            &Observed {
-                generation: Some(4),
-                previous,
-                layout,
-                invalid,
-                stateful_set: sts,
-                pods,
-            },
-            now,
-        )
+    fn base<'a>(layout: &'a [AssignedRange], pods: &'a [Pod]) -> Observed<'a> {
+        Observed {
+            generation: Some(4),
+            previous: None,
+            layout,
+            target_layout: &[],
+            epoch: Some(2),
+            invalid: None,
+            apply_failed: None,
+            pods,
+            pods_missing: 0,
+            rollout: None,
+            rebalance: None,
+        }
     }
 
     fn cond<'a>(s: &'a CaviClusterStatus, t: &str) -> &'a Condition {
@@ -325,22 +430,18 @@ mod tests {
     #[test]
     fn all_pods_ready_is_running() {
         let pods = [pod("demo-0", true), pod("demo-1", true)];
-        let s = compute_with(
-            &layout(2),
-            Some(&sts(2, 2, false)),
-            &pods,
-            None,
-            None,
-            t(100),
-        );
+        let l = layout(2);
+        let s = compute(&names(), &base(&l, &pods), t(100));
         assert_eq!(s.observed_generation, Some(4));
-        assert_eq!(s.shard_count, 2);
-        assert_eq!(s.ready_shards, 2);
+        assert_eq!((s.shard_count, s.ready_shards), (2, 2));
         assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(s.epoch, Some(2));
+        assert_eq!(s.layout, l);
         assert_eq!(cond(&s, "Ready").status, "True");
-        assert_eq!(cond(&s, "Progressing").status, "False");
-        assert_eq!(cond(&s, "Degraded").status, "False");
         assert_eq!(cond(&s, "Ready").observed_generation, Some(4));
+        assert_eq!(cond(&s, "Progressing").status, "False");
+        assert_eq!(cond(&s, "Rebalancing").status, "False");
+        assert_eq!(cond(&s, "Degraded").status, "False");
         assert_eq!(
             s.shards[1],
             ShardStatus {
@@ -353,112 +454,190 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_pod_makes_ready_false_and_degraded_true() {
+    fn a_dead_pod_outside_a_rollout_is_degraded() {
         let pods = [
             pod("demo-0", true),
             pod("demo-1", false),
             pod("demo-2", true),
         ];
-        let s = compute_with(
-            &layout(3),
-            Some(&sts(3, 3, false)),
-            &pods,
-            None,
-            None,
-            t(100),
-        );
+        let l = layout(3);
+        let s = compute(&names(), &base(&l, &pods), t(100));
         assert_eq!(s.ready_shards, 2);
         assert_eq!(s.phase.as_deref(), Some("Degraded"));
         let ready = cond(&s, "Ready");
-        assert_eq!(ready.status, "False");
-        assert_eq!(ready.reason, "ShardsNotReady");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ShardsNotReady")
+        );
         assert!(ready.message.contains("demo-1"), "{}", ready.message);
-        assert_eq!(cond(&s, "Degraded").status, "True");
-        assert!(!s.shards[1].ready && s.shards[0].ready && s.shards[2].ready);
-
-        // A missing pod and a terminating pod are not ready either.
-        let mut terminating = pod("demo-1", true);
-        terminating.metadata.deletion_timestamp = Some(Time(t(90)));
-        let s = compute_with(
-            &layout(3),
-            Some(&sts(3, 3, false)),
-            &[pod("demo-0", true), terminating],
-            None,
-            None,
-            t(100),
-        );
-        assert_eq!(s.ready_shards, 1);
-        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(cond(&s, "Degraded").reason, "ShardsDown");
     }
 
     #[test]
-    fn a_rollout_is_progressing_not_degraded() {
-        let pods = [pod("demo-0", true), pod("demo-1", false)];
-        let s = compute_with(
-            &layout(2),
-            Some(&sts(2, 1, true)),
-            &pods,
-            None,
-            None,
-            t(100),
+    fn during_a_rollout_ready_tells_who_serves_and_names_the_last_live_generation() {
+        let l = layout(3);
+        let pods = [
+            pod("demo-0", true),
+            pod("demo-1", true),
+            pod("demo-2", false),
+        ];
+        let all = [
+            pod("demo-0", true),
+            pod("demo-1", true),
+            pod("demo-2", true),
+        ];
+        let live = compute(&names(), &base(&l, &all), t(50));
+        // Generation 4 was live; the spec moved on to 5.
+        let rollout = RolloutView {
+            status: RolloutStatus {
+                updated: 1,
+                ready: 0,
+                pods: 3,
+                ordinal: Some(2),
+                step_started: None,
+            },
+            restarting: vec![2],
+            doing: "restarting ordinal 2".into(),
+            stuck: None,
+        };
+        let mut o = base(&l, &pods);
+        o.generation = Some(5);
+        o.previous = Some(&live);
+        o.rollout = Some(&rollout);
+        let s = compute(&names(), &o, t(100));
+        assert_eq!(s.phase.as_deref(), Some("Progressing"));
+        let progressing = cond(&s, "Progressing");
+        assert_eq!(progressing.status, "True");
+        assert!(
+            progressing.message.starts_with("1 of 3 pods updated"),
+            "{}",
+            progressing.message
         );
-        assert_eq!(s.phase.as_deref(), Some("Progressing"));
-        assert_eq!(cond(&s, "Progressing").status, "True");
-        assert_eq!(cond(&s, "Degraded").status, "False");
-        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(
+            cond(&s, "Degraded").status,
+            "False",
+            "the restarting pod is no fault"
+        );
+        let ready = cond(&s, "Ready");
+        assert_eq!(ready.status, "False", "demo-2 is not serving right now");
+        assert_eq!(
+            ready.observed_generation,
+            Some(4),
+            "generation 5 is not live yet"
+        );
 
-        let s = compute_with(&layout(2), None, &[], None, None, t(100));
-        assert_eq!(s.phase.as_deref(), Some("Progressing"));
-        assert!(cond(&s, "Progressing").message.contains("does not exist"));
+        // All serving again but one pod still to roll: Ready says so, and
+        // still names generation 4.
+        let rolling = s.clone();
+        let mut o = base(&l, &all);
+        o.generation = Some(5);
+        o.previous = Some(&rolling);
+        o.rollout = Some(&rollout);
+        let s = compute(&names(), &o, t(110));
+        let ready = cond(&s, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.observed_generation),
+            ("True", Some(4))
+        );
+
+        // Stuck past its deadline.
+        let stuck = RolloutView {
+            stuck: Some((
+                REASON_PROGRESS_DEADLINE,
+                "ordinal 2 not ready after 600s".into(),
+            )),
+            ..rollout.clone()
+        };
+        o.rollout = Some(&stuck);
+        let s = compute(&names(), &o, t(700));
+        let progressing = cond(&s, "Progressing");
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("False", REASON_PROGRESS_DEADLINE)
+        );
+
+        // Done: generation 5 is live.
+        o.rollout = None;
+        let s = compute(&names(), &o, t(800));
+        assert_eq!(cond(&s, "Ready").observed_generation, Some(5));
+        assert_eq!(s.phase.as_deref(), Some("Running"));
     }
 
     #[test]
-    fn a_refused_spec_is_invalid_with_its_reason() {
+    fn a_layout_change_is_rebalancing_and_a_stall_is_degraded() {
+        let l = layout(2);
+        let pods = [pod("demo-0", true), pod("demo-1", true)];
+        let view = RebalanceView {
+            summary: "moving \"g\"..=\"m\"* from shard 0 to shard 2".into(),
+            migrations: vec![Migration {
+                range: "\"g\"..=\"m\"*".into(),
+                from: 0,
+                to: 2,
+                phase: "copying".into(),
+                keys_copied: 10,
+                bytes_copied: 100,
+                start_time: None,
+            }],
+            stalled: None,
+        };
+        let mut o = base(&l, &pods);
+        o.rebalance = Some(&view);
+        let s = compute(&names(), &o, t(100));
+        assert_eq!(s.phase.as_deref(), Some("Rebalancing"));
+        assert_eq!(cond(&s, "Rebalancing").status, "True");
+        assert_eq!(s.migrations.len(), 1);
+        assert_eq!(s.rebalance.as_deref(), Some(view.summary.as_str()));
+        let stalled = RebalanceView {
+            stalled: Some("no progress for 300s: target shard 2 does not answer".into()),
+            ..view.clone()
+        };
+        o.rebalance = Some(&stalled);
+        let s = compute(&names(), &o, t(400));
+        assert_eq!(s.phase.as_deref(), Some("Degraded"));
+        let degraded = cond(&s, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", REASON_REBALANCE_STALLED)
+        );
+    }
+
+    #[test]
+    fn refusals_set_ready_false_with_their_reason() {
+        let l = layout(2);
+        let pods = [pod("demo-0", true), pod("demo-1", true)];
         let invalid = Invalid {
             reason: "InvalidLayout",
             message: "shards 0 and 1 overlap".into(),
         };
-        let pods = [pod("demo-0", true), pod("demo-1", true)];
-        let s = compute_with(
-            &layout(2),
-            Some(&sts(2, 2, false)),
-            &pods,
-            Some(&invalid),
-            None,
-            t(100),
-        );
+        let mut o = base(&l, &pods);
+        o.invalid = Some(&invalid);
+        let s = compute(&names(), &o, t(100));
         assert_eq!(s.phase.as_deref(), Some("Invalid"));
-        let ready = cond(&s, "Ready");
-        assert_eq!(ready.status, "False");
-        assert_eq!(ready.reason, "InvalidLayout");
-        assert_eq!(ready.message, "shards 0 and 1 overlap");
-        // The running shards are still reported truthfully.
-        assert_eq!(s.ready_shards, 2);
+        assert_eq!(cond(&s, "Ready").reason, "InvalidLayout");
+        assert_eq!(s.ready_shards, 2, "the running shards are still reported");
+
+        let mut o = base(&l, &pods);
+        o.apply_failed =
+            Some("StatefulSet demo: spec.template...imagePullPolicy: Unsupported value");
+        let s = compute(&names(), &o, t(100));
+        assert_eq!(cond(&s, "Ready").reason, REASON_APPLY_FAILED);
+        assert_eq!(cond(&s, "Degraded").reason, REASON_APPLY_FAILED);
     }
 
     #[test]
     fn transition_times_move_only_when_a_condition_flips() {
+        let l = layout(1);
         let ok = [pod("demo-0", true)];
-        let first = compute_with(&layout(1), Some(&sts(1, 1, false)), &ok, None, None, t(100));
-        let again = compute_with(
-            &layout(1),
-            Some(&sts(1, 1, false)),
-            &ok,
-            None,
-            Some(&first),
-            t(200),
-        );
+        let first = compute(&names(), &base(&l, &ok), t(100));
+        let mut o = base(&l, &ok);
+        o.previous = Some(&first);
+        let again = compute(&names(), &o, t(200));
         assert_eq!(again, first, "nothing changed, so nothing to patch");
 
         let down = [pod("demo-0", false)];
-        let flipped = compute_with(
-            &layout(1),
-            Some(&sts(1, 1, false)),
-            &down,
-            None,
-            Some(&first),
-            t(300),
-        );
+        let mut o = base(&l, &down);
+        o.previous = Some(&first);
+        let flipped = compute(&names(), &o, t(300));
         assert_eq!(cond(&flipped, "Ready").last_transition_time, Time(t(300)));
         assert_eq!(
             cond(&flipped, "Progressing").last_transition_time,

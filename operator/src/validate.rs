@@ -6,8 +6,8 @@ use cavi_node::config::ClusterConfig;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::build::{DATA_VOLUME, Names, cluster_config, persistent_storage};
-use crate::crd::{CaviClusterSpec, MAX_SHARDS, StorageSpec, StorageType};
+use crate::build::{BuildOptions, DATA_VOLUME, Names, config_for, persistent_storage, spec_layout};
+use crate::crd::{AssignedRange, CaviClusterSpec, MAX_SHARDS, StorageSpec, StorageType};
 use crate::quantity::parse_millis;
 
 /// Why a spec was refused.
@@ -21,20 +21,21 @@ pub struct Invalid {
 
 /// Reason of a layout that breaks the key-space rules.
 pub const REASON_INVALID_LAYOUT: &str = "InvalidLayout";
-/// Reason of a layout change that would move keys between shards.
-pub const REASON_KEYS_WOULD_MOVE: &str = "KeysWouldMove";
+/// Reason of a layout change that would leave keys with no shard.
+pub const REASON_KEYS_WOULD_BE_LOST: &str = "KeysWouldBeLost";
 /// Reason of a storage spec that is inconsistent or has a bad size.
 pub const REASON_INVALID_STORAGE: &str = "InvalidStorage";
 /// Reason of a storage change the running cluster cannot take.
 pub const REASON_STORAGE_WOULD_CHANGE: &str = "StorageWouldChange";
 
-/// Validates `spec` on its own and against `applied`, the layout currently
-/// in the cluster's ConfigMap (if any). Returns the layout to apply.
+/// Validates `spec` on its own and against `applied`, the layout the
+/// cluster serves (from its status), if it runs. Any layout that keeps
+/// every key with some shard is accepted: the keys move online.
 pub fn validate(
     names: &Names,
     spec: &CaviClusterSpec,
-    applied: Option<&ClusterConfig>,
-) -> Result<ClusterConfig, Invalid> {
+    applied: Option<&[AssignedRange]>,
+) -> Result<(), Invalid> {
     let invalid = |message: String| Invalid {
         reason: REASON_INVALID_LAYOUT,
         message,
@@ -49,37 +50,15 @@ pub fn validate(
         return Err(invalid(format!("port {} is not in 1..=65535", spec.port)));
     }
     check_storage(&spec.storage)?;
-    let config = cluster_config(names, spec);
+    let config: ClusterConfig =
+        config_for(names, spec, &BuildOptions::default(), &spec_layout(spec), 0);
     config.validate().map_err(|e| invalid(e.to_string()))?;
-    if let Some(applied) = applied {
-        check_no_keys_move(applied, &config)?;
-    }
-    Ok(config)
-}
-
-/// Every key an existing shard owns must still be owned by the same shard:
-/// shards may grow into key space nobody owned and new shards may be
-/// appended, but no shard may shrink or disappear (that needs resharding,
-/// which does not exist yet).
-pub fn check_no_keys_move(applied: &ClusterConfig, next: &ClusterConfig) -> Result<(), Invalid> {
-    for old in &applied.shards {
-        let moved = match next.shard(old.id) {
-            None => format!(
-                "shard {} ({}) would be removed, and its keys with it",
-                old.id,
-                old.range()
-            ),
-            Some(new) if !old.range().is_within(&new.range()) => format!(
-                "shard {} would shrink from {} to {}, moving keys to another shard",
-                old.id,
-                old.range(),
-                new.range()
-            ),
-            Some(_) => continue,
-        };
+    if let Some(applied) = applied
+        && let Some(lost) = crate::layout::orphaned(applied, spec)
+    {
         return Err(Invalid {
-            reason: REASON_KEYS_WOULD_MOVE,
-            message: format!("{moved}; resharding is not supported yet"),
+            reason: REASON_KEYS_WOULD_BE_LOST,
+            message: lost,
         });
     }
     Ok(())
@@ -99,9 +78,7 @@ pub fn check_storage(storage: &StorageSpec) -> Result<(), Invalid> {
         (StorageType::Memory, Some(_)) => invalid(
             "storage.persistent is set but storage.type is Memory; set type: Persistent or remove storage.persistent".into(),
         ),
-        (StorageType::Persistent, None) => invalid(
-            "storage.type is Persistent but storage.persistent (with a size) is missing".into(),
-        ),
+        (StorageType::Persistent, None) => Ok(()),
         (StorageType::Persistent, Some(persistent)) => {
             let size = &persistent.size.0;
             match parse_millis(size) {
@@ -272,15 +249,15 @@ mod tests {
         vec![range("a", Some("m")), range("n", Some("z"))]
     }
 
-    fn applied(shards: Vec<ShardRange>) -> ClusterConfig {
-        validate(&names(), &spec(shards), None).unwrap()
+    fn applied(shards: Vec<ShardRange>) -> Vec<AssignedRange> {
+        let s = spec(shards);
+        validate(&names(), &s, None).unwrap();
+        spec_layout(&s)
     }
 
     #[test]
     fn a_sorted_layout_without_overlap_is_accepted() {
-        let config = validate(&names(), &spec(seed()), None).unwrap();
-        assert_eq!(config.shards.len(), 2);
-        assert_eq!(config.owner_of("zebra").map(|s| s.id), Some(1));
+        assert!(validate(&names(), &spec(seed()), None).is_ok());
     }
 
     #[test]
@@ -320,42 +297,34 @@ mod tests {
     }
 
     #[test]
-    fn the_same_layout_and_growth_into_unowned_space_are_accepted() {
+    fn splits_merges_boundary_moves_and_growth_are_accepted() {
         let old = applied(seed());
-        assert!(validate(&names(), &spec(seed()), Some(&old)).is_ok());
-        // Appending a shard for keys nobody owned.
-        let mut appended = seed();
-        appended.push(range("{", None));
-        assert!(validate(&names(), &spec(appended), Some(&old)).is_ok());
-        // Growing shard 1 up to the highest key (nobody owned "{"...).
-        let grown = vec![range("a", Some("m")), range("n", None)];
-        assert!(validate(&names(), &spec(grown), Some(&old)).is_ok());
-        // Growing shard 0 down to the lowest key.
-        let lower = vec![range("", Some("m")), range("n", Some("z"))];
-        assert!(validate(&names(), &spec(lower), Some(&old)).is_ok());
+        for shards in [
+            seed(),
+            vec![
+                range("a", Some("f")),
+                range("g", Some("m")),
+                range("n", Some("z")),
+            ],
+            vec![range("a", Some("p")), range("q", Some("z"))],
+            vec![range("", None)],
+            vec![
+                range("", Some("0")),
+                range("a", Some("m")),
+                range("n", None),
+            ],
+        ] {
+            let verdict = validate(&names(), &spec(shards.clone()), Some(&old));
+            assert!(verdict.is_ok(), "{shards:?}: {verdict:?}");
+        }
     }
 
     #[test]
-    fn changes_that_move_keys_are_refused() {
+    fn an_edit_that_leaves_keys_with_no_shard_is_refused() {
         let old = applied(seed());
-        let shrink = vec![range("a", Some("f")), range("g", Some("z"))];
-        let err = validate(&names(), &spec(shrink), Some(&old)).unwrap_err();
-        assert_eq!(err.reason, REASON_KEYS_WOULD_MOVE);
-        assert!(err.message.contains("shard 0"), "{}", err.message);
-
-        let removed = vec![range("a", Some("m"))];
-        let err = validate(&names(), &spec(removed), Some(&old)).unwrap_err();
-        assert_eq!(err.reason, REASON_KEYS_WOULD_MOVE);
-        assert!(err.message.contains("shard 1") && err.message.contains("removed"));
-
-        // Inserting a shard in front renumbers every shard after it.
-        let inserted = vec![
-            range("", Some("0")),
-            range("a", Some("m")),
-            range("n", Some("z")),
-        ];
-        let err = validate(&names(), &spec(inserted), Some(&old)).unwrap_err();
-        assert_eq!(err.reason, REASON_KEYS_WOULD_MOVE);
+        let err = validate(&names(), &spec(vec![range("a", Some("m"))]), Some(&old)).unwrap_err();
+        assert_eq!(err.reason, REASON_KEYS_WOULD_BE_LOST);
+        assert!(err.message.contains("shard 1"), "{}", err.message);
     }
 
     fn persistent(size: &str, class: Option<&str>) -> StorageSpec {
@@ -375,11 +344,10 @@ mod tests {
         assert!(check_storage(&persistent("1Gi", None)).is_ok());
         assert!(check_storage(&persistent("1.5Gi", Some("fast"))).is_ok());
 
+        // Persistent without a member: 1Gi of the default class.
         let mut no_member = persistent("1Gi", None);
         no_member.persistent = None;
-        let err = check_storage(&no_member).unwrap_err();
-        assert_eq!(err.reason, REASON_INVALID_STORAGE);
-        assert!(err.message.contains("size"), "{}", err.message);
+        assert!(check_storage(&no_member).is_ok());
 
         let mut memory_with_member = persistent("1Gi", None);
         memory_with_member.type_ = StorageType::Memory;
@@ -410,13 +378,19 @@ mod tests {
     fn applied_sts(storage: StorageSpec) -> StatefulSet {
         let mut s = spec(seed());
         s.storage = storage;
-        crate::build::stateful_set(&names(), None, &s, "")
+        let opts = crate::build::BuildOptions::default();
+        let shape = crate::build::Shape::of_spec(&names(), &s, &opts);
+        crate::build::stateful_set(&names(), None, &s, &opts, &shape)
     }
 
     #[test]
     fn applied_storage_is_read_from_the_claim_template() {
+        let memory = StorageSpec {
+            type_: StorageType::Memory,
+            persistent: None,
+        };
         assert_eq!(
-            AppliedStorage::of(&applied_sts(StorageSpec::default())),
+            AppliedStorage::of(&applied_sts(memory)),
             AppliedStorage::Memory
         );
         assert_eq!(
@@ -435,7 +409,11 @@ mod tests {
 
     #[test]
     fn a_storage_kind_change_is_refused_both_ways() {
-        let memory = AppliedStorage::of(&applied_sts(StorageSpec::default()));
+        let memory_spec = StorageSpec {
+            type_: StorageType::Memory,
+            persistent: None,
+        };
+        let memory = AppliedStorage::of(&applied_sts(memory_spec.clone()));
         let err = check_storage_unchanged(&memory, &persistent("1Gi", None)).unwrap_err();
         assert_eq!(err.reason, REASON_STORAGE_WOULD_CHANGE);
         assert!(
@@ -443,10 +421,13 @@ mod tests {
             "{}",
             err.message
         );
-        assert!(check_storage_unchanged(&memory, &StorageSpec::default()).is_ok());
+        assert!(check_storage_unchanged(&memory, &memory_spec).is_ok());
+        // The default is Persistent now: an old Memory cluster that never
+        // said so is refused, not turned into a disk cluster.
+        assert!(check_storage_unchanged(&memory, &StorageSpec::default()).is_err());
 
         let disk = AppliedStorage::of(&applied_sts(persistent("1Gi", None)));
-        let err = check_storage_unchanged(&disk, &StorageSpec::default()).unwrap_err();
+        let err = check_storage_unchanged(&disk, &memory_spec).unwrap_err();
         assert_eq!(err.reason, REASON_STORAGE_WOULD_CHANGE);
         assert!(
             err.message.contains("from Persistent to Memory"),

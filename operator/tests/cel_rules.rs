@@ -64,41 +64,95 @@ fn with_storage(storage: &str) -> CaviCluster {
 }
 
 #[test]
-fn persistent_storage_needs_its_member_and_only_it_has_one() {
+fn persistent_storage_is_the_default_and_memory_has_no_member() {
     validate_cel(&with_storage("{type: Memory}")).unwrap();
+    validate_cel(&with_storage("{type: Persistent}")).unwrap();
     validate_cel(&with_storage("{type: Persistent, persistent: {size: 1Gi}}")).unwrap();
     validate_cel(&with_storage(
         "{type: Persistent, persistent: {size: 1Gi, storageClassName: fast, retentionPolicy: {whenDeleted: Delete}}}",
     ))
     .unwrap();
-
-    let err = validate_cel(&with_storage("{type: Persistent}")).unwrap_err();
-    assert!(
-        err.to_string().contains(
-            "storage.persistent (with a size) is required when storage.type is Persistent"
-        ),
-        "{err}"
-    );
     let err = validate_cel(&with_storage("{type: Memory, persistent: {size: 1Gi}}")).unwrap_err();
     assert!(
         err.to_string()
             .contains("storage.persistent is only allowed when storage.type is Persistent"),
         "{err}"
     );
+    // As sent by a client, before defaulting: `type` omitted is Persistent.
+    validate_cel_schema::<StorageSpec>(&json!({}), None).unwrap();
+    validate_cel_schema::<StorageSpec>(&json!({"persistent": {"size": "1Gi"}}), None).unwrap();
 }
 
 #[test]
-fn storage_rules_hold_before_defaulting() {
-    // As sent by a client: `type` omitted means Memory.
-    validate_cel_schema::<StorageSpec>(&json!({}), None).unwrap();
-    let err = validate_cel_schema::<StorageSpec>(&json!({"persistent": {"size": "1Gi"}}), None)
+fn sizes_must_be_positive_quantities() {
+    for bad in ["lots", "-1Gi", "0"] {
+        let err = validate_cel_schema::<StorageSpec>(
+            &json!({"type": "Persistent", "persistent": {"size": bad}}),
+            None,
+        )
         .unwrap_err();
-    assert!(err.to_string().contains("only allowed"), "{err}");
+        assert!(
+            err.to_string().contains("positive Kubernetes quantity"),
+            "{bad}: {err}"
+        );
+    }
     validate_cel_schema::<StorageSpec>(
-        &json!({"type": "Persistent", "persistent": {"size": "1Gi"}}),
+        &json!({"type": "Persistent", "persistent": {"size": "500Mi"}}),
         None,
     )
     .unwrap();
-    let err = validate_cel_schema::<StorageSpec>(&json!({"type": "Persistent"}), None).unwrap_err();
-    assert!(err.to_string().contains("is required"), "{err}");
+}
+
+#[test]
+fn storage_that_cannot_change_is_refused_at_admission() {
+    let old =
+        json!({"type": "Persistent", "persistent": {"size": "1Gi", "storageClassName": "fast"}});
+    let same = old.clone();
+    validate_cel_schema::<StorageSpec>(&same, Some(&old)).unwrap();
+    let retention = json!({"type": "Persistent", "persistent": {"size": "1Gi", "storageClassName": "fast",
+        "retentionPolicy": {"whenDeleted": "Delete"}}});
+    validate_cel_schema::<StorageSpec>(&retention, Some(&old)).unwrap();
+    for (edit, says) in [
+        (json!({"type": "Memory"}), "storage.type cannot change"),
+        (
+            json!({"type": "Persistent", "persistent": {"size": "2Gi", "storageClassName": "fast"}}),
+            "size cannot change",
+        ),
+        (
+            json!({"type": "Persistent", "persistent": {"size": "1Gi", "storageClassName": "slow"}}),
+            "storageClassName cannot change",
+        ),
+        (
+            json!({"type": "Persistent", "persistent": {"size": "1Gi"}}),
+            "storageClassName cannot change",
+        ),
+    ] {
+        let err = validate_cel_schema::<StorageSpec>(&edit, Some(&old)).unwrap_err();
+        assert!(err.to_string().contains(says), "{edit}: {err}");
+    }
+}
+
+#[test]
+fn names_must_fit_the_pod_labels_and_service_names() {
+    let named = |name: &str| -> CaviCluster {
+        serde_yaml::from_str(&format!(
+            "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\nmetadata: {{name: '{name}', namespace: ns}}\nspec:\n  shards: [{{rangeEnd: m}}]\n"
+        ))
+        .unwrap()
+    };
+    validate_cel(&named("demo")).unwrap();
+    validate_cel(&named(&"a".repeat(52))).unwrap();
+    for bad in [
+        "a".repeat(53),
+        "my.db".into(),
+        "9lives".into(),
+        "Demo".into(),
+        "demo-".into(),
+    ] {
+        let err = validate_cel(&named(&bad)).unwrap_err();
+        assert!(
+            err.to_string().contains("metadata.name must be at most 52"),
+            "{bad}: {err}"
+        );
+    }
 }

@@ -70,7 +70,22 @@ fn crd_declares_names_columns_status_and_cel_rules() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, vec!["Shards", "Ready", "Phase", "Storage", "Age"]);
+    assert_eq!(
+        columns,
+        vec!["Shards", "Ready", "Phase", "Rebalance", "Storage", "Age"]
+    );
+    // The name rule sits on the root, where metadata is visible.
+    let root_rules =
+        serde_yaml::to_string(&version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"])
+            .unwrap();
+    assert!(
+        root_rules.contains("size(self.metadata.name) <= 52"),
+        "{root_rules}"
+    );
+    assert_eq!(
+        cavi_spec_enum(&version["schema"]["openAPIV3Schema"]["properties"]["spec"]),
+        serde_yaml::from_str::<serde_yaml::Value>("[Always, IfNotPresent, Never]").unwrap()
+    );
 
     let schema = &version["schema"]["openAPIV3Schema"]["properties"];
     let cavi_spec = &schema["spec"];
@@ -98,14 +113,14 @@ fn crd_declares_names_columns_status_and_cel_rules() {
         storage["properties"]["type"]["enum"],
         serde_yaml::from_str::<serde_yaml::Value>("[Memory, Persistent]").unwrap()
     );
-    assert_eq!(storage["default"]["type"], "Memory");
+    assert_eq!(storage["default"]["type"], "Persistent");
     let storage_rules = serde_yaml::to_string(&storage["x-kubernetes-validations"]).unwrap();
     assert!(
-        storage_rules.contains("has(self.persistent)"),
+        storage_rules.contains("has(self.persistent)") && storage_rules.contains("oldSelf.type"),
         "{storage_rules}"
     );
     let persistent = &storage["properties"]["persistent"];
-    assert_eq!(persistent["required"][0], "size");
+    assert_eq!(persistent["properties"]["size"]["default"], "1Gi");
     assert_eq!(
         persistent["properties"]["size"]["x-kubernetes-int-or-string"],
         true
@@ -114,7 +129,10 @@ fn crd_declares_names_columns_status_and_cel_rules() {
     for field in ["whenDeleted", "whenScaled"] {
         assert_eq!(retention[field]["default"], "Retain", "{field}");
     }
-    assert_eq!(cavi_spec["properties"]["image"]["default"], "cavi:dev");
+    assert!(
+        cavi_spec["properties"]["image"]["default"].is_null(),
+        "no default image in the CRD: the operator's own is the default"
+    );
     let status = &schema["status"]["properties"];
     for field in [
         "observedGeneration",
@@ -122,6 +140,12 @@ fn crd_declares_names_columns_status_and_cel_rules() {
         "shards",
         "phase",
         "conditions",
+        "layout",
+        "targetLayout",
+        "migrations",
+        "rebalance",
+        "epoch",
+        "rollout",
     ] {
         assert!(status[field].is_mapping(), "status.{field} missing");
     }
@@ -149,7 +173,13 @@ fn render_prints_the_children_of_a_file_in_the_default_namespace() {
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        vec!["ConfigMap", "Service", "Service", "StatefulSet"]
+        vec![
+            "ConfigMap",
+            "Service",
+            "Service",
+            "StatefulSet",
+            "PodDisruptionBudget"
+        ]
     );
     for doc in &docs {
         assert_eq!(doc["metadata"]["namespace"], "default");
@@ -266,5 +296,53 @@ async fn run_without_the_crd_exits_with_the_install_hint() {
             "CRD caviclusters.cavi.dev is not installed: kubectl apply -f deploy/crds/cavicluster.yaml"
         ),
         "{err}"
+    );
+}
+
+/// The `enum` of `spec.imagePullPolicy`.
+fn cavi_spec_enum(spec: &serde_yaml::Value) -> serde_yaml::Value {
+    spec["properties"]["imagePullPolicy"]["enum"].clone()
+}
+
+#[test]
+fn rbac_prints_the_rules_the_code_uses() {
+    let out = operator(&["rbac"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let rules = table["clusterRules"].as_sequence().unwrap();
+    let grants = |group: &str, resource: &str| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| {
+                r["apiGroups"][0] == group
+                    && r["resources"]
+                        .as_sequence()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x == resource)
+            })
+            .flat_map(|r| {
+                r["verbs"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+            })
+            .collect()
+    };
+    assert_eq!(grants("cavi.dev", "caviclusters/status"), ["patch"]);
+    assert_eq!(grants("", "pods"), ["list", "watch"]);
+    assert!(grants("apps", "statefulsets").contains(&"create".to_owned()));
+    assert!(
+        !grants("apps", "statefulsets").contains(&"get".to_owned()),
+        "stores, not GETs"
+    );
+    assert_eq!(
+        table["leaseRules"][0]["verbs"].as_sequence().unwrap().len(),
+        3
     );
 }

@@ -1,6 +1,7 @@
-//! The reconciler against a mocked API server: every request it makes is
-//! asserted in order (method, path, field manager, body), and the test fails
-//! on any request it did not expect, including a write in steady state.
+//! The reconciler against a mocked API server and reflector stores the
+//! test fills as the watches would: what it writes (and that it reads
+//! nothing from the API server), exact apply, visible refusals, and
+//! pod-template rollouts one ordinal at a time.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -9,699 +10,475 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cavi_node::config::ClusterConfig;
-use cavi_operator::admin::Metrics;
-use cavi_operator::build::{CONFIG_KEY, Children, Names};
 use cavi_operator::crd::{CaviCluster, CaviClusterStatus};
 use cavi_operator::reconcile::{Context, Error, error_policy, reconcile};
-use cavi_operator::status::{self, Observed, find_condition};
-use common::{ApiServer, mock_client};
-use http::{Method, StatusCode};
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodCondition, PodStatus, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::jiff::Timestamp;
+use cavi_operator::status::find_condition;
+use common::world::*;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::Action;
-use kube::runtime::events::Reporter;
-use serde::Serialize;
-use serde_json::{Value, json};
 
-const NS: &str = "shop";
-const UID: &str = "0b5e2c9a-1111-4222-8333-444455556666";
+const THREE: &str = r#"  image: cavi:test
+  storage: {type: Persistent}
+  shards: [{rangeStart: "a", rangeEnd: "h"}, {rangeStart: "i", rangeEnd: "p"}, {rangeStart: "q", rangeEnd: "z"}]
+"#;
 
-fn cluster(shards: &str) -> CaviCluster {
-    serde_yaml::from_str(&format!(
-        "apiVersion: cavi.dev/v1alpha1\nkind: CaviCluster\n\
-         metadata: {{name: demo, namespace: {NS}, uid: {UID}, generation: 3, resourceVersion: '7'}}\n\
-         spec:\n  image: cavi:test\n  shards: {shards}\n"
-    ))
-    .unwrap()
+const CM: &str = "/api/v1/namespaces/shop/configmaps/demo-config";
+const HEADLESS: &str = "/api/v1/namespaces/shop/services/demo-headless";
+const SVC: &str = "/api/v1/namespaces/shop/services/demo";
+const STS: &str = "/apis/apps/v1/namespaces/shop/statefulsets/demo";
+const PDB: &str = "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/demo";
+const STATUS: &str = "/apis/cavi.dev/v1alpha1/namespaces/shop/caviclusters/demo/status";
+
+fn cond(s: &CaviClusterStatus, t: &str) -> (String, String, String) {
+    let c = find_condition(s, t).unwrap();
+    (c.status.clone(), c.reason.clone(), c.message.clone())
 }
 
-fn three_shards() -> CaviCluster {
-    cluster(
-        r#"[{rangeStart: "a", rangeEnd: "h"}, {rangeStart: "i", rangeEnd: "p"}, {rangeStart: "q", rangeEnd: "z"}]"#,
-    )
-}
-
-fn names() -> Names {
-    Names {
-        cluster: "demo".into(),
-        namespace: NS.into(),
-    }
-}
-
-fn context() -> (Arc<Context>, ApiServer, Arc<Metrics>) {
-    let (client, server) = mock_client();
-    let metrics = Arc::new(Metrics::default());
-    let ctx = Context::new(
-        client,
-        Reporter {
-            controller: "cavi-operator".into(),
-            instance: Some("test".into()),
-        },
-        metrics.clone(),
-    );
-    (Arc::new(ctx), server, metrics)
-}
-
-const CM_PATH: &str = "/api/v1/namespaces/shop/configmaps/demo-config";
-const HEADLESS_PATH: &str = "/api/v1/namespaces/shop/services/demo-headless";
-const SVC_PATH: &str = "/api/v1/namespaces/shop/services/demo";
-const STS_PATH: &str = "/apis/apps/v1/namespaces/shop/statefulsets/demo";
-const PODS_PATH: &str = "/api/v1/namespaces/shop/pods";
-const STATUS_PATH: &str = "/apis/cavi.dev/v1alpha1/namespaces/shop/caviclusters/demo/status";
-const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
-
-/// What the API server holds for a child once applied: the object plus
-/// fields the server and other controllers add.
-fn stored<K: Serialize>(obj: &K, extra: Value) -> Value {
-    let mut v = serde_json::to_value(obj).unwrap();
-    v["metadata"]["resourceVersion"] = json!("42");
-    v["metadata"]["uid"] = json!("child-uid");
-    v["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-    merge(&mut v, extra);
-    v
-}
-
-fn merge(into: &mut Value, from: Value) {
-    match (into, from) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(Value::Null), v);
+/// Runs reconciles until the cluster is settled: children applied and
+/// synced back into the stores, every pod ready with the template, the
+/// status stored. Returns the cluster as the API server holds it.
+async fn settle(
+    ctx: &Arc<Context>,
+    writers: &mut Writers,
+    seen: &Arc<std::sync::Mutex<Vec<Seen>>>,
+    cluster: &CaviCluster,
+) -> CaviCluster {
+    let mut cluster = cluster.clone();
+    for _ in 0..5 {
+        let done = seen.lock().unwrap().len();
+        let _ = reconcile(Arc::new(cluster.clone()), ctx.clone()).await;
+        let log = seen.lock().unwrap()[done..].to_vec();
+        writers.sync(&log);
+        if let Some(status) = last_status(&log) {
+            cluster = with_status(&cluster, Some(status));
+        }
+        let sts: Option<StatefulSet> = last_applied(&log, "/statefulsets/");
+        if let Some(sts) = sts {
+            let hash = template_hash(&sts);
+            for o in 0..u32::try_from(sts.spec.unwrap().replicas.unwrap()).unwrap() {
+                put(
+                    &mut writers.pods,
+                    pod(&cluster.metadata.name.clone().unwrap(), o, &hash, true),
+                );
             }
         }
-        (slot, v) => *slot = v,
-    }
-}
-
-/// The CaviCluster the API server returns after a status apply.
-fn stored_cluster(status_apply: &Value) -> CaviCluster {
-    let mut cluster = three_shards();
-    cluster.status = Some(serde_json::from_value(status_apply["status"].clone()).unwrap());
-    cluster
-}
-
-/// A StatefulSet whose rollout is complete.
-fn rolled_out(sts: &StatefulSet) -> StatefulSet {
-    let mut sts = sts.clone();
-    sts.metadata.generation = Some(1);
-    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    sts.status = Some(StatefulSetStatus {
-        observed_generation: Some(1),
-        replicas,
-        ready_replicas: Some(replicas),
-        updated_replicas: Some(replicas),
-        current_revision: Some("demo-abc".into()),
-        update_revision: Some("demo-abc".into()),
-        ..StatefulSetStatus::default()
-    });
-    sts
-}
-
-fn pod(name: &str, ready: bool) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            ..ObjectMeta::default()
-        },
-        status: Some(PodStatus {
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".into(),
-                status: if ready { "True" } else { "False" }.into(),
-                ..PodCondition::default()
-            }]),
-            ..PodStatus::default()
-        }),
-        ..Pod::default()
-    }
-}
-
-fn pod_list(pods: &[Pod]) -> Value {
-    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": pods})
-}
-
-/// The objects of a healthy, running cluster as the API server returns them.
-struct World {
-    config_map: Value,
-    headless: Value,
-    service: Value,
-    stateful_set: StatefulSet,
-    pods: Vec<Pod>,
-}
-
-impl World {
-    fn running(cluster: &CaviCluster) -> Self {
-        let children = Children::build(cluster, NS).unwrap();
-        let n = children.config.shards.len();
-        Self {
-            config_map: stored(&children.config_map, json!({})),
-            headless: stored(
-                &children.headless_service,
-                json!({"spec": {"clusterIPs": ["None"], "type": "ClusterIP", "sessionAffinity": "None"}}),
-            ),
-            service: stored(
-                &children.client_service,
-                json!({"spec": {"clusterIP": "10.96.0.17", "clusterIPs": ["10.96.0.17"], "sessionAffinity": "None"}}),
-            ),
-            stateful_set: rolled_out(&children.stateful_set),
-            pods: (0..n).map(|i| pod(&format!("demo-{i}"), true)).collect(),
+        if log.is_empty() {
+            return cluster;
         }
     }
-
-    /// The status the operator stored after seeing this world.
-    fn status_of(&self, cluster: &CaviCluster) -> CaviClusterStatus {
-        let children = Children::build(cluster, NS).unwrap();
-        status::compute(
-            &names(),
-            &Observed {
-                generation: cluster.metadata.generation,
-                previous: None,
-                layout: &children.config,
-                invalid: None,
-                stateful_set: Some(&self.stateful_set),
-                pods: &self.pods,
-            },
-            Timestamp::from_second(1_700_000_000).unwrap(),
-        )
-    }
-
-    /// Answers the four GETs every reconcile starts with.
-    async fn serve_gets(&self, server: &mut ApiServer) {
-        let call = server.next().await;
-        call.assert(Method::GET, CM_PATH);
-        call.ok(&self.config_map);
-        let call = server.next().await;
-        call.assert(Method::GET, HEADLESS_PATH);
-        call.ok(&self.headless);
-        let call = server.next().await;
-        call.assert(Method::GET, SVC_PATH);
-        call.ok(&self.service);
-        let call = server.next().await;
-        call.assert(Method::GET, STS_PATH);
-        call.ok(&self.stateful_set);
-    }
-
-    async fn serve_pods(&self, server: &mut ApiServer) {
-        let call = server.next().await;
-        call.assert(Method::GET, PODS_PATH);
-        assert!(
-            call.query.contains("labelSelector=app.kubernetes.io%2Finstance%3Ddemo%2Capp.kubernetes.io%2Fname%3Dcavi"),
-            "{}",
-            call.query
-        );
-        call.ok(&pod_list(&self.pods));
-    }
+    panic!("the cluster never settled: {:#?}", seen.lock().unwrap());
 }
 
 #[tokio::test]
-async fn first_reconcile_applies_every_child_then_the_status() {
-    let (ctx, mut server, metrics) = context();
-    let cluster = three_shards();
-    let expected = Children::build(&cluster, NS).unwrap();
-    let run = tokio::spawn(reconcile(Arc::new(cluster.clone()), ctx));
-
-    for path in [CM_PATH, HEADLESS_PATH, SVC_PATH, STS_PATH] {
-        let call = server.next().await;
-        call.assert(Method::GET, path);
-        call.not_found();
-    }
-
-    let call = server.next().await;
-    call.assert_apply(CM_PATH);
-    let cm: ConfigMap = call.json();
-    assert_eq!(cm, expected.config_map);
-    let owner = &cm.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.uid.as_str(), owner.controller), (UID, Some(true)));
-    let config = ClusterConfig::from_yaml(&cm.data.as_ref().unwrap()[CONFIG_KEY]).unwrap();
-    assert_eq!(config.shards.len(), 3);
-    call.echo_applied();
-
-    let call = server.next().await;
-    call.assert_apply(HEADLESS_PATH);
-    assert_eq!(call.json::<Service>(), expected.headless_service);
-    call.echo_applied();
-
-    let call = server.next().await;
-    call.assert_apply(SVC_PATH);
-    assert_eq!(call.json::<Service>(), expected.client_service);
-    call.echo_applied();
-
-    let call = server.next().await;
-    call.assert_apply(STS_PATH);
-    let sts: StatefulSet = call.json();
-    assert_eq!(sts, expected.stateful_set);
-    assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(3));
-    call.echo_applied();
-
-    let call = server.next().await;
-    call.assert(Method::GET, PODS_PATH);
-    call.ok(&pod_list(&[]));
-
-    let call = server.next().await;
-    call.assert_apply(STATUS_PATH);
-    let body: Value = call.json();
-    assert_eq!(body["apiVersion"], "cavi.dev/v1alpha1");
-    assert_eq!(body["kind"], "CaviCluster");
-    assert!(
-        body.get("spec").is_none(),
-        "a status apply must not claim spec fields"
-    );
-    let status: CaviClusterStatus = serde_json::from_value(body["status"].clone()).unwrap();
-    assert_eq!(status.observed_generation, Some(3));
-    assert_eq!(status.shard_count, 3);
-    assert_eq!(status.ready_shards, 0);
-    assert_eq!(status.phase.as_deref(), Some("Progressing"));
-    assert_eq!(find_condition(&status, "Ready").unwrap().status, "False");
+async fn first_reconcile_applies_every_child_then_the_status_and_reads_nothing() {
+    let (ctx, server, _writers, metrics) = context();
+    let cluster = cluster_with("demo", THREE);
+    let seen = answer_everything(server, &cluster);
+    let action = reconcile(Arc::new(cluster.clone()), ctx).await.unwrap();
     assert_eq!(
-        find_condition(&status, "Progressing").unwrap().status,
-        "True"
+        action,
+        Action::requeue(Duration::from_secs(2)),
+        "pods are being created"
     );
-    let mut updated = cluster.clone();
-    updated.status = Some(status);
-    call.ok(&updated);
-
-    let action = run.await.unwrap().unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    server.assert_done().await;
+    let log = seen.lock().unwrap().clone();
+    let calls: Vec<(&str, &str)> = log
+        .iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("PATCH", CM),
+            ("PATCH", HEADLESS),
+            ("PATCH", SVC),
+            ("PATCH", STS),
+            ("PATCH", PDB),
+            ("PATCH", STATUS)
+        ],
+        "children in dependency order, no GET or LIST"
+    );
+    let cm: ConfigMap = last_applied(&log, "/configmaps/").unwrap();
+    assert_eq!(owner_uid(&cm), UID);
+    assert!(
+        cm.metadata
+            .annotations
+            .unwrap()
+            .contains_key("cavi.dev/applied-hash")
+    );
+    let config = ClusterConfig::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap();
+    assert_eq!(config.shards.len(), 3);
+    assert_eq!(
+        config.shards[2].addr,
+        "demo-2.demo-headless.shop.svc.cluster.local:3100"
+    );
+    let sts: StatefulSet = last_applied(&log, "/statefulsets/").unwrap();
+    let spec = sts.spec.unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let rolling = spec.update_strategy.unwrap().rolling_update.unwrap();
+    assert_eq!(rolling.partition, Some(0));
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.termination_grace_period_seconds, Some(30));
+    assert_eq!(pod.topology_spread_constraints.unwrap().len(), 2);
+    let pdb: PodDisruptionBudget = last_applied(&log, "/poddisruptionbudgets/").unwrap();
+    assert_eq!(
+        pdb.spec.unwrap().max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let status = last_status(&log).unwrap();
+    assert_eq!(status.observed_generation, Some(3));
+    assert_eq!(
+        status.layout.len(),
+        3,
+        "the applied layout is recorded in status"
+    );
+    assert_eq!(status.phase.as_deref(), Some("Progressing"));
+    assert_eq!(cond(&status, "Progressing").1, "CreatingPods");
     assert_eq!(metrics.reconciles(), 1);
 }
 
 #[tokio::test]
-async fn steady_state_writes_nothing() {
-    let (ctx, mut server, metrics) = context();
-    let mut cluster = three_shards();
-    let world = World::running(&cluster);
-    cluster.status = Some(world.status_of(&cluster));
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
-
-    world.serve_gets(&mut server).await;
-    world.serve_pods(&mut server).await;
-
-    assert!(run.await.unwrap().is_ok());
-    server.assert_done().await;
-    assert_eq!(metrics.reconciles(), 1);
+async fn a_steady_state_of_fifty_clusters_makes_no_request() {
+    let (ctx, server, mut writers, _) = context();
+    let template = cluster_with("c0", THREE);
+    let seen = answer_everything(server, &template);
+    let mut clusters = Vec::new();
+    for i in 0..50 {
+        let cluster = cluster_with(&format!("c{i}"), THREE);
+        clusters.push(settle(&ctx, &mut writers, &seen, &cluster).await);
+    }
+    let before = seen.lock().unwrap().len();
+    for cluster in &clusters {
+        let action = reconcile(Arc::new(cluster.clone()), ctx.clone())
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    }
+    let after = seen.lock().unwrap()[before..].to_vec();
+    assert!(
+        after.is_empty(),
+        "a settled cluster is neither read nor written: {after:#?}"
+    );
+    let status = clusters[7].status.as_ref().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(cond(status, "Ready").0, "True");
 }
 
 #[tokio::test]
-async fn a_deleted_child_is_recreated_and_nothing_else_is_written() {
-    let (ctx, mut server, _) = context();
-    let mut cluster = three_shards();
-    let world = World::running(&cluster);
-    cluster.status = Some(world.status_of(&cluster));
-    let expected = Children::build(&cluster, NS).unwrap();
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
+async fn a_deleted_child_comes_back_and_a_hand_edit_is_set_back() {
+    let (ctx, server, mut writers, _) = context();
+    let cluster = cluster_with("demo", THREE);
+    let seen = answer_everything(server, &cluster);
+    let cluster = settle(&ctx, &mut writers, &seen, &cluster).await;
 
-    let call = server.next().await;
-    call.assert(Method::GET, CM_PATH);
-    call.not_found();
-    let call = server.next().await;
-    call.assert(Method::GET, HEADLESS_PATH);
-    call.ok(&world.headless);
-    let call = server.next().await;
-    call.assert(Method::GET, SVC_PATH);
-    call.ok(&world.service);
-    let call = server.next().await;
-    call.assert(Method::GET, STS_PATH);
-    call.ok(&world.stateful_set);
-
-    let call = server.next().await;
-    call.assert_apply(CM_PATH);
-    assert_eq!(call.json::<ConfigMap>(), expected.config_map);
-    call.echo_applied();
-
-    world.serve_pods(&mut server).await;
-    assert!(run.await.unwrap().is_ok());
-    server.assert_done().await;
-}
-
-#[tokio::test]
-async fn a_hand_edited_child_is_set_back() {
-    let (ctx, mut server, _) = context();
-    let mut cluster = three_shards();
-    let mut world = World::running(&cluster);
-    cluster.status = Some(world.status_of(&cluster));
-    let expected = Children::build(&cluster, NS).unwrap();
-    // Someone ran `kubectl edit` on the StatefulSet and the client Service.
-    let pod_spec = world
-        .stateful_set
-        .spec
+    let cm = ctx.stores.config_maps.state()[0].as_ref().clone();
+    remove(&mut writers.config_maps, cm);
+    let mut sts = ctx.stores.stateful_sets.state()[0].as_ref().clone();
+    sts.spec
         .as_mut()
         .unwrap()
         .template
         .spec
         .as_mut()
-        .unwrap();
-    pod_spec.containers[0].image = Some("evil:latest".into());
-    world.service["spec"]["ports"][0]["port"] = json!(80);
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
+        .unwrap()
+        .containers[0]
+        .image = Some("evil:latest".into());
+    put(&mut writers.stateful_sets, sts);
 
-    world.serve_gets(&mut server).await;
-    let call = server.next().await;
-    call.assert_apply(SVC_PATH);
-    assert_eq!(call.json::<Service>(), expected.client_service);
-    call.echo_applied();
-    let call = server.next().await;
-    call.assert_apply(STS_PATH);
-    let sts: StatefulSet = call.json();
+    let before = seen.lock().unwrap().len();
+    reconcile(Arc::new(cluster), ctx).await.unwrap();
+    let log = seen.lock().unwrap()[before..].to_vec();
+    let calls: Vec<&str> = log.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(calls, [CM, STS]);
+    let sts: StatefulSet = last_applied(&log, "/statefulsets/").unwrap();
     let image = sts.spec.unwrap().template.spec.unwrap().containers[0]
         .image
         .clone();
     assert_eq!(image.as_deref(), Some("cavi:test"));
-    // The server answers with the rollout it starts.
-    call.ok(&world.stateful_set);
-
-    world.serve_pods(&mut server).await;
-    assert!(run.await.unwrap().is_ok());
-    server.assert_done().await;
 }
 
 #[tokio::test]
-async fn status_follows_pod_readiness() {
-    let (ctx, mut server, _) = context();
-    let mut cluster = three_shards();
-    let mut world = World::running(&cluster);
-    cluster.status = Some(world.status_of(&cluster));
-    assert_eq!(cluster.status.as_ref().unwrap().ready_shards, 3);
-    // Shard 1's pod died: its readiness probe fails.
-    world.pods[1] = pod("demo-1", false);
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
-
-    world.serve_gets(&mut server).await;
-    world.serve_pods(&mut server).await;
-    let call = server.next().await;
-    call.assert_apply(STATUS_PATH);
-    let body: Value = call.json();
-    let status: CaviClusterStatus = serde_json::from_value(body["status"].clone()).unwrap();
-    assert_eq!(status.ready_shards, 2);
-    assert_eq!(status.phase.as_deref(), Some("Degraded"));
-    let ready = find_condition(&status, "Ready").unwrap();
-    assert_eq!(
-        (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "ShardsNotReady")
+async fn a_field_removed_from_the_spec_is_removed_from_the_child() {
+    let (ctx, server, mut writers, _) = context();
+    let with = cluster_with(
+        "demo",
+        &format!(
+            "{THREE}  resources: {{requests: {{cpu: 100m}}}}\n  placement: {{nodeSelector: {{disk: ssd}}}}\n"
+        ),
     );
-    assert!(ready.message.contains("demo-1"), "{}", ready.message);
-    assert_eq!(find_condition(&status, "Degraded").unwrap().status, "True");
-    assert!(!status.shards[1].ready);
-    assert_eq!(status.shards[1].pod, "demo-1");
-    call.ok(&stored_cluster(&body));
-
-    assert!(run.await.unwrap().is_ok());
-    server.assert_done().await;
-}
-
-/// Serves an invalid-spec reconcile: GETs, pods, the Warning event and the
-/// status patch; returns the status and the event.
-async fn serve_refusal(world: &World, server: &mut ApiServer) -> (CaviClusterStatus, Value) {
-    world.serve_gets(server).await;
-    world.serve_pods(server).await;
-    let call = server.next().await;
-    call.assert(Method::POST, EVENTS_PATH);
-    let event: Value = call.json();
-    call.ok(&event);
-    let call = server.next().await;
-    call.assert_apply(STATUS_PATH);
-    let body: Value = call.json();
-    call.ok(&stored_cluster(&body));
-    (
-        serde_json::from_value(body["status"].clone()).unwrap(),
-        event,
-    )
+    let seen = answer_everything(server, &with);
+    let running = settle(&ctx, &mut writers, &seen, &with).await;
+    let mut without = cluster_with("demo", THREE);
+    without.status = running.status.clone();
+    let before = seen.lock().unwrap().len();
+    reconcile(Arc::new(without), ctx).await.unwrap();
+    let log = seen.lock().unwrap()[before..].to_vec();
+    let sts: StatefulSet =
+        last_applied(&log, "/statefulsets/").expect("the intent changed: applied again");
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.node_selector, None,
+        "the whole object is applied, so the server drops the field"
+    );
+    assert_eq!(pod.containers[0].resources, None);
 }
 
 #[tokio::test]
-async fn an_overlapping_spec_is_refused_without_touching_the_cluster() {
-    let (ctx, mut server, metrics) = context();
-    let running = three_shards();
-    let world = World::running(&running);
-    let mut cluster =
-        cluster(r#"[{rangeStart: "a", rangeEnd: "m"}, {rangeStart: "k", rangeEnd: "z"}]"#);
-    cluster.status = Some(world.status_of(&running));
+async fn an_apply_the_api_server_refuses_is_a_condition_an_event_and_a_metric() {
+    let (ctx, mut server, _writers, metrics) = context();
+    let cluster = cluster_with("demo", THREE);
     let run = tokio::spawn(reconcile(Arc::new(cluster.clone()), ctx.clone()));
-
-    let (status, event) = serve_refusal(&world, &mut server).await;
-    assert_eq!(event["type"], "Warning");
-    assert_eq!(event["reason"], "InvalidLayout");
-    assert_eq!(event["regarding"]["kind"], "CaviCluster");
-    assert_eq!(event["regarding"]["uid"], UID);
-    assert!(
-        event["note"].as_str().unwrap().contains("overlap"),
-        "{event}"
-    );
-    let ready = find_condition(&status, "Ready").unwrap();
-    assert_eq!(
-        (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "InvalidLayout")
-    );
-    assert!(ready.message.contains("overlap"), "{}", ready.message);
-    assert_eq!(status.phase.as_deref(), Some("Invalid"));
-    // The shards still running are reported from the applied layout.
-    assert_eq!(status.shard_count, 3);
-    assert_eq!(status.ready_shards, 3);
-
-    let error = run.await.unwrap().unwrap_err();
-    assert!(matches!(error, Error::InvalidSpec(_)), "{error}");
-    assert!(error.is_permanent());
-    assert_eq!(
-        error_policy(Arc::new(cluster), &error, ctx.clone()),
-        Action::await_change()
-    );
-    drop(ctx);
-    server.assert_done().await;
-    assert_eq!(metrics.failures("InvalidLayout"), 1);
-}
-
-#[tokio::test]
-async fn a_change_that_moves_keys_is_refused() {
-    let (ctx, mut server, metrics) = context();
-    let running = three_shards();
-    let world = World::running(&running);
-    // Shard 0 would give "e".."h" to shard 1.
-    let mut cluster = cluster(
-        r#"[{rangeStart: "a", rangeEnd: "d"}, {rangeStart: "e", rangeEnd: "p"}, {rangeStart: "q", rangeEnd: "z"}]"#,
-    );
-    cluster.status = Some(world.status_of(&running));
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
-
-    let (status, event) = serve_refusal(&world, &mut server).await;
-    assert_eq!(event["reason"], "KeysWouldMove");
-    let ready = find_condition(&status, "Ready").unwrap();
-    assert_eq!(ready.reason, "KeysWouldMove");
-    assert!(ready.message.contains("shard 0"), "{}", ready.message);
-
-    assert!(matches!(run.await.unwrap(), Err(Error::InvalidSpec(_))));
-    server.assert_done().await;
-    assert_eq!(metrics.failures("KeysWouldMove"), 1);
-}
-
-#[tokio::test]
-async fn appending_a_shard_for_unowned_keys_is_applied() {
-    let (ctx, mut server, _) = context();
-    let running = three_shards();
-    let world = World::running(&running);
-    let mut cluster = cluster(
-        r#"[{rangeStart: "a", rangeEnd: "h"}, {rangeStart: "i", rangeEnd: "p"}, {rangeStart: "q", rangeEnd: "z"}, {rangeStart: "{"}]"#,
-    );
-    cluster.status = Some(world.status_of(&running));
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
-
-    world.serve_gets(&mut server).await;
+    for path in [CM, HEADLESS, SVC] {
+        let call = server.next().await;
+        call.assert_apply(path);
+        call.echo_applied();
+    }
     let call = server.next().await;
-    call.assert_apply(CM_PATH);
-    call.echo_applied();
-    let call = server.next().await;
-    call.assert_apply(STS_PATH);
-    let sts: StatefulSet = call.json();
-    assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(4));
-    let old_hash = &world
-        .stateful_set
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .annotations
-        .as_ref()
-        .unwrap()["cavi.dev/config-hash"];
-    let new_hash = &sts
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .annotations
-        .as_ref()
-        .unwrap()["cavi.dev/config-hash"];
-    assert_ne!(old_hash, new_hash, "a new layout rolls the pods");
-    call.echo_applied();
-    world.serve_pods(&mut server).await;
-    let call = server.next().await;
-    call.assert_apply(STATUS_PATH);
-    let body: Value = call.json();
-    assert_eq!(body["status"]["shardCount"], 4);
-    call.ok(&stored_cluster(&body));
-
-    assert!(run.await.unwrap().is_ok());
-    server.assert_done().await;
-}
-
-#[tokio::test]
-async fn a_transient_api_error_is_retried_with_backoff() {
-    let (ctx, mut server, metrics) = context();
-    let cluster = three_shards();
-    let run = tokio::spawn(reconcile(Arc::new(cluster.clone()), ctx.clone()));
-
-    let call = server.next().await;
-    call.assert(Method::GET, CM_PATH);
+    call.assert_apply(STS);
     call.respond(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": "etcd is sad", "reason": "InternalError", "code": 500}),
+        http::StatusCode::UNPROCESSABLE_ENTITY,
+        &serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+            "message": "StatefulSet.apps \"demo\" is invalid: spec.template.spec.containers[0].resources.requests: Invalid value: \"2\": must be less than or equal to cpu limit"}),
     );
-    let error = run.await.unwrap().unwrap_err();
-    assert!(matches!(error, Error::Kube(_)), "{error}");
-    assert!(!error.is_permanent());
-    let cluster = Arc::new(cluster);
-    let first = error_policy(cluster.clone(), &error, ctx.clone());
-    let second = error_policy(cluster.clone(), &error, ctx.clone());
-    assert_eq!(first, Action::requeue(Duration::from_secs(5)));
-    assert_eq!(second, Action::requeue(Duration::from_secs(10)));
-    drop(ctx);
-    server.assert_done().await;
-    assert_eq!(metrics.failures("KubeApi"), 1);
-}
-
-fn with_storage(mut cluster: CaviCluster, storage: &str) -> CaviCluster {
-    cluster.spec.storage = serde_yaml::from_str(storage).unwrap();
-    cluster
-}
-
-const DISK_1GI: &str = "{type: Persistent, persistent: {size: 1Gi, storageClassName: fast}}";
-
-#[tokio::test]
-async fn a_storage_kind_change_is_refused_without_touching_the_stateful_set() {
-    let (ctx, mut server, metrics) = context();
-    let running = three_shards();
-    let world = World::running(&running);
-    let mut cluster = with_storage(three_shards(), DISK_1GI);
-    cluster.status = Some(world.status_of(&running));
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
-
-    // GETs, pods, the event, the status: no apply of any child.
-    let (status, event) = serve_refusal(&world, &mut server).await;
-    assert_eq!(event["type"], "Warning");
-    assert_eq!(event["reason"], "StorageWouldChange");
-    let note = event["note"].as_str().unwrap();
-    assert!(note.contains("from Memory to Persistent"), "{note}");
-    let ready = find_condition(&status, "Ready").unwrap();
-    assert_eq!(
-        (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "StorageWouldChange")
-    );
-    assert!(
-        ready.message.contains("from Memory to Persistent"),
-        "{}",
-        ready.message
-    );
-    assert_eq!(status.phase.as_deref(), Some("Invalid"));
-    assert_eq!(
-        status.ready_shards, 3,
-        "the running pods are still reported"
-    );
-
-    let error = run.await.unwrap().unwrap_err();
-    assert!(matches!(error, Error::InvalidSpec(_)), "{error}");
-    server.assert_done().await;
-    assert_eq!(metrics.failures("StorageWouldChange"), 1);
-}
-
-#[tokio::test]
-async fn a_size_change_is_refused_without_touching_the_stateful_set() {
-    let (ctx, mut server, metrics) = context();
-    let running = with_storage(three_shards(), DISK_1GI);
-    let world = World::running(&running);
-    let mut cluster = with_storage(
-        three_shards(),
-        "{type: Persistent, persistent: {size: 2Gi, storageClassName: fast}}",
-    );
-    cluster.status = Some(world.status_of(&running));
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
-
-    let (status, event) = serve_refusal(&world, &mut server).await;
-    assert_eq!(event["reason"], "StorageWouldChange");
-    let ready = find_condition(&status, "Ready").unwrap();
-    assert_eq!(
-        (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "StorageWouldChange")
-    );
-    assert!(
-        ready.message.contains("size would change from 1Gi to 2Gi"),
-        "{}",
-        ready.message
-    );
-
-    assert!(matches!(run.await.unwrap(), Err(Error::InvalidSpec(_))));
-    server.assert_done().await;
-    assert_eq!(metrics.failures("StorageWouldChange"), 1);
-}
-
-#[tokio::test]
-async fn a_persistent_cluster_whose_storage_is_unchanged_writes_nothing() {
-    let (ctx, mut server, _) = context();
-    let mut cluster = with_storage(three_shards(), DISK_1GI);
-    let world = World::running(&cluster);
-    cluster.status = Some(world.status_of(&cluster));
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
-
-    world.serve_gets(&mut server).await;
-    world.serve_pods(&mut server).await;
-
-    assert!(run.await.unwrap().is_ok());
-    server.assert_done().await;
-}
-
-#[tokio::test]
-async fn a_retention_policy_change_is_applied() {
-    let (ctx, mut server, _) = context();
-    let running = with_storage(three_shards(), DISK_1GI);
-    let world = World::running(&running);
-    let mut cluster = with_storage(
-        three_shards(),
-        "{type: Persistent, persistent: {size: 1Gi, storageClassName: fast, retentionPolicy: {whenDeleted: Delete}}}",
-    );
-    cluster.status = Some(world.status_of(&running));
-    let expected = Children::build(&cluster, NS).unwrap();
-    let run = tokio::spawn(reconcile(Arc::new(cluster), ctx));
-
-    world.serve_gets(&mut server).await;
     let call = server.next().await;
-    call.assert_apply(STS_PATH);
-    let sts: StatefulSet = call.json();
-    assert_eq!(sts, expected.stateful_set);
-    let spec = sts.spec.as_ref().unwrap();
-    let policy = spec
-        .persistent_volume_claim_retention_policy
-        .as_ref()
-        .unwrap();
-    assert_eq!(policy.when_deleted.as_deref(), Some("Delete"));
-    assert_eq!(policy.when_scaled.as_deref(), Some("Retain"));
-    // The claim template the running StatefulSet has, unchanged.
+    call.assert(
+        http::Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/shop/events",
+    );
+    let event: serde_json::Value = call.json();
     assert_eq!(
-        spec.volume_claim_templates,
-        world
-            .stateful_set
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Warning"), Some("ApplyFailed"))
+    );
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap()
+            .contains("must be less than or equal to cpu limit")
+    );
+    call.respond(http::StatusCode::CREATED, &event);
+    let call = server.next().await;
+    call.assert_apply(STATUS);
+    let body: serde_json::Value = call.json();
+    let status: CaviClusterStatus = serde_json::from_value(body["status"].clone()).unwrap();
+    let (ready, reason, message) = cond(&status, "Ready");
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "ApplyFailed"));
+    assert!(
+        message.contains("StatefulSet demo") && message.contains("cpu limit"),
+        "{message}"
+    );
+    assert_eq!(cond(&status, "Degraded").1, "ApplyFailed");
+    call.ok(&with_status(&cluster, Some(status)));
+    let error = run.await.unwrap().unwrap_err();
+    assert!(matches!(error, Error::ApplyFailed { .. }), "{error}");
+    assert_eq!(metrics.failures("ApplyFailed"), 1);
+    // Not permanent: retried with capped backoff.
+    let action = error_policy(Arc::new(cluster), &error, ctx);
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn invalid_layouts_lost_keys_and_storage_changes_are_refused_without_writing_children() {
+    let (ctx, server, mut writers, _) = context();
+    let cluster = cluster_with("demo", THREE);
+    let seen = answer_everything(server, &cluster);
+    let running = settle(&ctx, &mut writers, &seen, &cluster).await;
+    for (spec, reason) in [
+        (
+            r#"  image: cavi:test
+  storage: {type: Persistent}
+  shards: [{rangeStart: "a", rangeEnd: "m"}, {rangeStart: "h", rangeEnd: "z"}]
+"#,
+            "InvalidLayout",
+        ),
+        (
+            r#"  image: cavi:test
+  storage: {type: Persistent}
+  shards: [{rangeStart: "a", rangeEnd: "h"}]
+"#,
+            "KeysWouldBeLost",
+        ),
+        (
+            r#"  image: cavi:test
+  storage: {type: Memory}
+  shards: [{rangeStart: "a", rangeEnd: "h"}, {rangeStart: "i", rangeEnd: "p"}, {rangeStart: "q", rangeEnd: "z"}]
+"#,
+            "StorageWouldChange",
+        ),
+    ] {
+        let mut edited = cluster_with("demo", spec);
+        edited.status = running.status.clone();
+        let before = seen.lock().unwrap().len();
+        let error = reconcile(Arc::new(edited.clone()), ctx.clone())
+            .await
+            .unwrap_err();
+        assert!(error.is_permanent(), "{error}");
+        let log = seen.lock().unwrap()[before..].to_vec();
+        assert!(
+            log.iter()
+                .all(|s| s.path.ends_with("/status") || s.path.contains("/events")),
+            "{reason}: nothing but the status and an event: {log:#?}"
+        );
+        let status = last_status(&log).unwrap();
+        assert_eq!(cond(&status, "Ready").1, reason);
+        assert_eq!(status.phase.as_deref(), Some("Invalid"));
+        assert_eq!(
+            status.layout.len(),
+            3,
+            "the running layout is still reported"
+        );
+        let events = events(&log);
+        assert_eq!(events[0].0, "Warning");
+        assert_eq!(events[0].1, reason);
+        assert_eq!(
+            error_policy(Arc::new(edited), &error, ctx.clone()),
+            Action::await_change()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_template_change_rolls_one_ordinal_at_a_time_and_status_says_how_far() {
+    let (ctx, server, mut writers, _) = context();
+    let cluster = cluster_with("demo", THREE);
+    let seen = answer_everything(server, &cluster);
+    let mut running = settle(&ctx, &mut writers, &seen, &cluster).await;
+    let old = template_hash(&ctx.stores.stateful_sets.state()[0]);
+    let mut edited = cluster_with("demo", &THREE.replace("cavi:test", "cavi:next"));
+    edited.metadata.generation = Some(4);
+
+    // Each step: the partition the operator applies, what the status says.
+    let mut partitions = Vec::new();
+    for step in 0..7 {
+        edited.status = running.status.clone();
+        let before = seen.lock().unwrap().len();
+        reconcile(Arc::new(edited.clone()), ctx.clone())
+            .await
+            .unwrap();
+        let log = seen.lock().unwrap()[before..].to_vec();
+        writers.sync(&log);
+        let sts = ctx.stores.stateful_sets.state()[0].as_ref().clone();
+        let new = template_hash(&sts);
+        assert_ne!(new, old);
+        let partition = sts
             .spec
             .as_ref()
             .unwrap()
-            .volume_claim_templates
+            .update_strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .as_ref()
+            .unwrap()
+            .partition
+            .unwrap();
+        partitions.push(partition);
+        let status = last_status(&log).unwrap_or_else(|| running.status.clone().unwrap());
+        running = with_status(&running, Some(status.clone()));
+        if partition == 0 && status.rollout.is_none() {
+            assert_eq!(status.phase.as_deref(), Some("Running"), "step {step}");
+            let ready = find_condition(&status, "Ready").unwrap();
+            assert_eq!(
+                (ready.status.as_str(), ready.observed_generation),
+                ("True", Some(4))
+            );
+            break;
+        }
+        let (progressing, _, message) = cond(&status, "Progressing");
+        assert_eq!(progressing, "True", "step {step}: {message}");
+        assert_eq!(
+            cond(&status, "Degraded").0,
+            "False",
+            "a rolling pod is no fault"
+        );
+        assert_eq!(
+            find_condition(&status, "Ready")
+                .unwrap()
+                .observed_generation,
+            Some(3),
+            "generation 4 is not live yet"
+        );
+        // The StatefulSet controller restarts what the partition allows:
+        // first down (not ready), then up with the new template.
+        for o in 0..3u32 {
+            let p = ctx
+                .stores
+                .pods
+                .state()
+                .into_iter()
+                .find(|p| p.metadata.name.as_deref() == Some(&format!("demo-{o}")))
+                .unwrap();
+            let hash = p.metadata.annotations.as_ref().unwrap()["cavi.dev/template-hash"].clone();
+            if i32::try_from(o).unwrap() >= partition && hash != new {
+                put(&mut writers.pods, pod("demo", o, &new, false));
+                assert!(
+                    message.contains(&format!(
+                        "{} of 3 pods updated",
+                        3 - i32::try_from(o).unwrap() - 1
+                    )),
+                    "{message}"
+                );
+            } else if hash == new {
+                put(&mut writers.pods, pod("demo", o, &new, true));
+            }
+        }
+    }
+    assert_eq!(
+        partitions,
+        [2, 2, 1, 1, 0, 0, 0],
+        "ordinal 2, then 1, then 0, each once the others are ready"
     );
-    call.ok(&rolled_out(&sts));
+}
 
-    world.serve_pods(&mut server).await;
-    assert!(run.await.unwrap().is_ok());
-    server.assert_done().await;
+#[tokio::test]
+async fn a_rollout_step_past_its_deadline_is_reported_once() {
+    let (ctx, server, mut writers, _) = context();
+    let cluster = cluster_with("demo", THREE);
+    let seen = answer_everything(server, &cluster);
+    let running = settle(&ctx, &mut writers, &seen, &cluster).await;
+    let mut edited = cluster_with("demo", &THREE.replace("cavi:test", "cavi:next"));
+    edited.status = running.status.clone();
+    reconcile(Arc::new(edited.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let log = seen.lock().unwrap().clone();
+    writers.sync(&log);
+    // Ordinal 2 restarts and never comes back...
+    let new = template_hash(&ctx.stores.stateful_sets.state()[0]);
+    put(&mut writers.pods, pod("demo", 2, &new, false));
+    edited.status = last_status(&log);
+    let before = seen.lock().unwrap().len();
+    reconcile(Arc::new(edited.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let log = seen.lock().unwrap()[before..].to_vec();
+    let mut status = last_status(&log).unwrap();
+    assert_eq!(cond(&status, "Progressing").1, "RollingOut");
+    // ...for an hour.
+    status.rollout.as_mut().unwrap().step_started = Some("2026-01-01T00:00:00Z".into());
+    edited.status = Some(status);
+    let before = seen.lock().unwrap().len();
+    reconcile(Arc::new(edited.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let log = seen.lock().unwrap()[before..].to_vec();
+    let status = last_status(&log).unwrap();
+    let (progressing, reason, message) = cond(&status, "Progressing");
+    assert_eq!(
+        (progressing.as_str(), reason.as_str()),
+        ("False", "ProgressDeadlineExceeded")
+    );
+    assert!(message.contains("demo-2"), "{message}");
+    let warnings: Vec<_> = events(&log)
+        .into_iter()
+        .filter(|e| e.1 == "ProgressDeadlineExceeded")
+        .collect();
+    assert_eq!(warnings.len(), 1);
+    // Reported once: the next reconcile adds no second event.
+    edited.status = Some(status);
+    let before = seen.lock().unwrap().len();
+    reconcile(Arc::new(edited), ctx).await.unwrap();
+    let log = seen.lock().unwrap()[before..].to_vec();
+    assert!(events(&log).is_empty(), "{:?}", events(&log));
 }

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cavi_node::config::ClusterConfig;
-use cavi_operator::build::{CONFIG_KEY, Children};
+use cavi_operator::build::{BuildOptions, CONFIG_KEY, Children};
 use cavi_operator::crd::CaviCluster;
 use common::free_port;
 use serde_json::{Value, json};
@@ -117,7 +117,8 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rendered_config_runs_a_three_node_cluster() {
     let binary = node_binary();
-    let children = Children::build(&three_shard_cluster(), "shop").unwrap();
+    let children =
+        Children::of_spec(&three_shard_cluster(), "shop", &BuildOptions::default()).unwrap();
     let rendered = &children.config_map.data.as_ref().unwrap()[CONFIG_KEY];
 
     // What the pods would read, with each headless DNS name moved to a
@@ -248,7 +249,7 @@ spec:
 "#,
     )
     .unwrap();
-    let children = Children::build(&cluster, "shop").unwrap();
+    let children = Children::of_spec(&cluster, "shop", &BuildOptions::default()).unwrap();
     let container = children
         .stateful_set
         .spec

@@ -88,6 +88,15 @@ fn stored(mut body: Value) -> Response {
 }
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases";
+/// What the operator lists and watches besides CaviClusters.
+const CHILDREN: [&str; 6] = [
+    "/api/v1/configmaps",
+    "/api/v1/services",
+    "/apis/apps/v1/statefulsets",
+    "/apis/policy/v1/poddisruptionbudgets",
+    "/apis/networking.k8s.io/v1/networkpolicies",
+    "/api/v1/pods",
+];
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/cavi-operator";
 
 async fn api(State(fake): State<Fake>, request: Request) -> Response {
@@ -108,15 +117,8 @@ async fn api(State(fake): State<Fake>, request: Request) -> Response {
         (Method::GET, "/apis/cavi.dev/v1alpha1/caviclusters") => {
             list("CaviClusterList", vec![cluster()])
         }
-        (Method::GET, "/api/v1/configmaps" | "/api/v1/services" | "/apis/apps/v1/statefulsets")
-            if watch =>
-        {
-            silent_watch()
-        }
-        (Method::GET, "/api/v1/configmaps" | "/api/v1/services" | "/apis/apps/v1/statefulsets") => {
-            list("List", vec![])
-        }
-        (Method::GET, "/api/v1/namespaces/shop/pods") => list("PodList", vec![]),
+        (Method::GET, p) if CHILDREN.contains(&p) && watch => silent_watch(),
+        (Method::GET, p) if CHILDREN.contains(&p) => list("List", vec![]),
         (Method::PATCH, "/apis/cavi.dev/v1alpha1/namespaces/shop/caviclusters/demo/status") => {
             let mut c = cluster();
             c["status"] = body["status"].clone();
@@ -226,24 +228,26 @@ async fn run_reconciles_a_cluster_and_releases_the_lease_on_sigterm() {
         .position(|s| s.method == Method::POST && s.path == LEASES)
         .expect("the lease was never created");
     assert_eq!(seen[lease].body["spec"]["holderIdentity"], "op-test");
-    // Children are watched by the operator's label only.
-    for path in [
-        "/api/v1/configmaps",
-        "/api/v1/services",
-        "/apis/apps/v1/statefulsets",
-    ] {
+    // Children are watched by the operator's label, pods by the node
+    // label: the reconciler reads the reflector stores, never GETs.
+    for path in CHILDREN {
         let watch = seen
             .iter()
             .find(|s| s.path == path && s.query.contains("watch=true"))
             .unwrap_or_else(|| panic!("no watch on {path}"));
-        assert!(
-            watch
-                .query
-                .contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dcavi-operator"),
-            "{}",
-            watch.query
-        );
+        let label = if path.ends_with("/pods") {
+            "labelSelector=app.kubernetes.io%2Fname%3Dcavi"
+        } else {
+            "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dcavi-operator"
+        };
+        assert!(watch.query.contains(label), "{path}: {}", watch.query);
     }
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.method == Method::GET && s.path.starts_with("/api/v1/namespaces/shop/")),
+        "no reads beyond the watches"
+    );
     // Every child applied under the one field manager, in order, after
     // leadership was won.
     let applies: Vec<(usize, &Seen)> = seen
@@ -259,6 +263,7 @@ async fn run_reconciles_a_cluster_and_releases_the_lease_on_sigterm() {
             "/api/v1/namespaces/shop/services/demo-headless",
             "/api/v1/namespaces/shop/services/demo",
             "/apis/apps/v1/namespaces/shop/statefulsets/demo",
+            "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/demo",
         ]
     );
     for (i, s) in &applies {

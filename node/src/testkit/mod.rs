@@ -150,6 +150,36 @@ pub fn stored(node: &Node, key: &str) -> Option<String> {
     found
 }
 
+/// A node that starts as `kvstore-api` does: it takes a newer map from its
+/// peers before it serves (a restarted pod of a running cluster).
+pub async fn spawn_node_booted(
+    listener: TcpListener,
+    config: ClusterConfig,
+    id: u32,
+    settings: Settings,
+) -> TestNode {
+    let addr = listener.local_addr().unwrap();
+    let node = Arc::new(Node::starting(ShardMap::from_config(&config), id, settings).unwrap());
+    node.attach_store(Arc::new(MemoryStore::new()));
+    crate::boot::catch_up(&node, Duration::from_secs(1)).await;
+    node.set_started();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(serve(
+        listener,
+        node.clone(),
+        async move {
+            let _ = rx.await;
+        },
+        ServeOptions::default(),
+    ));
+    TestNode {
+        addr,
+        node,
+        stop: Some(tx),
+        handle: Some(handle),
+    }
+}
+
 /// What stands at a shard's address.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Member {

@@ -4,47 +4,56 @@
 //!
 //! This is the "build" step of a reconcile: validate → build → apply →
 //! status. Every builder is a pure function of the cluster's names, its
-//! owner reference and its spec. This module holds what every child
-//! shares (names, labels and selectors, the owner reference, the node
-//! config and its hash) and [`Children::build`], which builds them all;
-//! each child has its own module:
+//! owner reference, its spec, the operator's own [`BuildOptions`] and the
+//! [`Shape`] the reconciler decided (the layout the ConfigMap carries, the
+//! number of pods, how far a rollout may go). This module holds what every
+//! child shares and [`Children::build`]; each child has its own module:
 //!
 //! - `config_map`: the ConfigMap holding the node config file;
 //! - `services`: the headless Service and the client Service;
-//! - `stateful_set`: the StatefulSet, its pod template, probes and
+//! - `stateful_set`: the StatefulSet, its pod template, probes, spread and
 //!   security context;
-//! - `storage`: persistent storage, the StatefulSet's volume claim template.
+//! - `storage`: persistent storage, the StatefulSet's volume claim template;
+//! - `disruption`: the PodDisruptionBudget;
+//! - `network_policy`: the optional NetworkPolicy.
 
 mod config_map;
+mod disruption;
+mod network_policy;
 mod services;
 mod stateful_set;
 mod storage;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use cavi_node::config::{ClusterConfig, ShardConfig};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use serde::Serialize;
 
-use crate::crd::{CaviCluster, CaviClusterSpec};
+use crate::crd::{AssignedRange, CaviCluster, CaviClusterSpec, DEFAULT_IMAGE};
 
 pub use config_map::config_map;
+pub use disruption::disruption_budget;
+pub use network_policy::network_policy;
 pub use services::{client_service, headless_service};
 pub use stateful_set::{
     CONFIG_DIR, CONTAINER_NAME, METRICS_PATH, NODE_COMMAND, PROMETHEUS_PATH_ANNOTATION,
-    PROMETHEUS_PORT_ANNOTATION, PROMETHEUS_SCRAPE_ANNOTATION, RUN_AS_USER, node_args,
-    pod_annotations, stateful_set,
+    PROMETHEUS_PORT_ANNOTATION, PROMETHEUS_SCRAPE_ANNOTATION, RUN_AS_USER,
+    TEMPLATE_HASH_ANNOTATION, node_args, pod_annotations, stateful_set, template_hash,
 };
 pub use storage::{DATA_DIR, DATA_VOLUME, data_claim_template, persistent_storage};
 
 /// Key of the node config file in the ConfigMap.
 pub const CONFIG_KEY: &str = "config.yaml";
-/// Pod-template annotation holding a hash of the config file, so a new
-/// layout rolls the pods and nothing else does.
-pub const CONFIG_HASH_ANNOTATION: &str = "cavi.dev/config-hash";
+/// Annotation on every child: a hash of what the operator last applied, so
+/// an unchanged intent is not applied again.
+pub const APPLIED_HASH_ANNOTATION: &str = "cavi.dev/applied-hash";
 /// Name of the node's HTTP port, in the pod and in both Services.
 pub const PORT_NAME: &str = "http";
 
@@ -55,6 +64,8 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const APP_NAME: &str = "cavi";
 /// Value of `app.kubernetes.io/managed-by` on every child.
 pub const MANAGER: &str = "cavi-operator";
+/// The default Kubernetes cluster domain.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -62,6 +73,88 @@ pub enum BuildError {
     MissingName,
     #[error("cannot write the node config: {0}")]
     Config(#[from] cavi_node::config::ConfigError),
+}
+
+/// Where a shard's pod is reached: its advertised `host:port`.
+pub trait ShardAddresses: Send + Sync + std::fmt::Debug {
+    fn shard_addr(&self, names: &Names, ordinal: u32, port: i32) -> String;
+}
+
+/// The pod's DNS name under the headless Service, in `domain`:
+/// `<name>-<i>.<name>-headless.<ns>.svc.<domain>:<port>`.
+#[derive(Debug, Clone)]
+pub struct DnsAddresses {
+    pub domain: String,
+}
+
+impl ShardAddresses for DnsAddresses {
+    fn shard_addr(&self, names: &Names, ordinal: u32, port: i32) -> String {
+        format!(
+            "{}.{}.{}.svc.{}:{port}",
+            names.pod(ordinal),
+            names.headless_service(),
+            names.namespace,
+            self.domain
+        )
+    }
+}
+
+/// What the operator itself decides for every cluster.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The image nodes run when a spec names none: the operator's own,
+    /// passed by the chart.
+    pub default_image: String,
+    /// How shards reach each other.
+    pub addresses: Arc<dyn ShardAddresses>,
+}
+
+impl BuildOptions {
+    pub fn new(default_image: impl Into<String>, cluster_domain: impl Into<String>) -> Self {
+        Self {
+            default_image: default_image.into(),
+            addresses: Arc::new(DnsAddresses {
+                domain: cluster_domain.into(),
+            }),
+        }
+    }
+
+    /// The image a cluster's nodes run.
+    pub fn image<'a>(&'a self, spec: &'a CaviClusterSpec) -> &'a str {
+        spec.image.as_deref().unwrap_or(&self.default_image)
+    }
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self::new(DEFAULT_IMAGE, DEFAULT_CLUSTER_DOMAIN)
+    }
+}
+
+/// What the reconciler decided before building, from the cluster's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    /// The layout the ConfigMap carries: the one a restarting pod boots
+    /// from (the live map, held by the nodes, may be newer).
+    pub config: ClusterConfig,
+    /// Pods: one per ordinal that owns keys now or will.
+    pub replicas: i32,
+    /// Pods with an ordinal below this keep their current template: the
+    /// operator rolls a template change one ordinal at a time.
+    pub partition: i32,
+}
+
+impl Shape {
+    /// A cluster serving its spec as written: range `i` on ordinal `i`,
+    /// every pod rolled (what `render` shows, and a new cluster's start).
+    pub fn of_spec(names: &Names, spec: &CaviClusterSpec, opts: &BuildOptions) -> Self {
+        let layout = spec_layout(spec);
+        Self {
+            config: config_for(names, spec, opts, &layout, 0),
+            replicas: i32::try_from(layout.len()).unwrap_or(i32::MAX),
+            partition: 0,
+        }
+    }
 }
 
 /// Names of the children of one cluster.
@@ -95,18 +188,14 @@ impl Names {
     pub fn stateful_set(&self) -> String {
         self.cluster.clone()
     }
-    pub fn pod(&self, shard: usize) -> String {
-        format!("{}-{shard}", self.cluster)
+    pub fn disruption_budget(&self) -> String {
+        self.cluster.clone()
     }
-    /// The advertised address of shard `shard`: its pod's DNS name under
-    /// the headless Service.
-    pub fn shard_addr(&self, shard: usize, port: i32) -> String {
-        format!(
-            "{}.{}.{}.svc.cluster.local:{port}",
-            self.pod(shard),
-            self.headless_service(),
-            self.namespace
-        )
+    pub fn network_policy(&self) -> String {
+        self.cluster.clone()
+    }
+    pub fn pod(&self, ordinal: u32) -> String {
+        format!("{}-{ordinal}", self.cluster)
     }
 }
 
@@ -126,33 +215,42 @@ pub fn selector_labels(names: &Names) -> BTreeMap<String, String> {
     ])
 }
 
-/// [`selector_labels`] as a `labelSelector` query string.
-pub fn selector_query(names: &Names) -> String {
-    selector_labels(names)
+/// The spec's ranges on ordinals `0..n`, in key order: a new cluster's
+/// layout.
+pub fn spec_layout(spec: &CaviClusterSpec) -> Vec<AssignedRange> {
+    spec.shards
         .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+        .enumerate()
+        .map(|(i, r)| AssignedRange {
+            ordinal: i32::try_from(i).unwrap_or(i32::MAX),
+            range_start: r.range_start.clone(),
+            range_end: r.range_end.clone(),
+        })
+        .collect()
 }
 
-/// The node config file the spec describes: shard `i` owns the `i`-th
-/// range and is reached at pod `<name>-i`. Not validated here: see
-/// [`crate::validate`].
-pub fn cluster_config(names: &Names, spec: &CaviClusterSpec) -> ClusterConfig {
-    ClusterConfig {
-        epoch: 0,
-        shards: spec
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(i, range)| ShardConfig {
-                id: u32::try_from(i).unwrap_or(u32::MAX),
-                addr: names.shard_addr(i, spec.port),
-                range_start: range.range_start.clone(),
-                range_end: range.range_end.clone(),
-            })
-            .collect(),
-    }
+/// The node config file of a layout (in key order) at `epoch`. Not
+/// validated here: see [`crate::validate`].
+pub fn config_for(
+    names: &Names,
+    spec: &CaviClusterSpec,
+    opts: &BuildOptions,
+    layout: &[AssignedRange],
+    epoch: u64,
+) -> ClusterConfig {
+    let shards: Vec<ShardConfig> = layout
+        .iter()
+        .map(|r| {
+            let ordinal = u32::try_from(r.ordinal).unwrap_or(u32::MAX);
+            ShardConfig {
+                id: ordinal,
+                addr: opts.addresses.shard_addr(names, ordinal, spec.port),
+                range_start: r.range_start.clone(),
+                range_end: r.range_end.clone(),
+            }
+        })
+        .collect();
+    ClusterConfig { epoch, shards }
 }
 
 /// A stable 64-bit FNV-1a hash, hex-encoded. Stable across builds and Rust
@@ -176,24 +274,52 @@ pub struct Children {
     pub headless_service: Service,
     pub client_service: Service,
     pub stateful_set: StatefulSet,
+    pub disruption_budget: PodDisruptionBudget,
+    /// `None` when `spec.networkPolicy.enabled` is off.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 impl Children {
-    /// Builds every child of `cluster` in `namespace`. Owner references are
-    /// set when the cluster has a uid (it always does when read from the API
+    /// Every child of `cluster` in `namespace`. Owner references are set
+    /// when the cluster has a uid (it always does when read from the API
     /// server; a file given to `render` has none).
-    pub fn build(cluster: &CaviCluster, namespace: &str) -> Result<Self, BuildError> {
+    pub fn build(
+        cluster: &CaviCluster,
+        namespace: &str,
+        opts: &BuildOptions,
+        shape: &Shape,
+    ) -> Result<Self, BuildError> {
         let names = Names::new(cluster, namespace)?;
         let owner = cluster.controller_owner_ref(&());
-        let config = cluster_config(&names, &cluster.spec);
-        let config_yaml = config.to_yaml()?;
+        let spec = &cluster.spec;
+        let config_yaml = shape.config.to_yaml()?;
         Ok(Self {
             config_map: config_map(&names, owner.clone(), &config_yaml),
-            headless_service: headless_service(&names, owner.clone(), &cluster.spec),
-            client_service: client_service(&names, owner.clone(), &cluster.spec),
-            stateful_set: stateful_set(&names, owner, &cluster.spec, &config_yaml),
-            config,
+            headless_service: headless_service(&names, owner.clone(), spec),
+            client_service: client_service(&names, owner.clone(), spec),
+            stateful_set: stateful_set(&names, owner.clone(), spec, opts, shape),
+            disruption_budget: disruption_budget(&names, owner.clone(), spec),
+            network_policy: spec
+                .network_policy
+                .enabled
+                .then(|| network_policy(&names, owner, spec)),
+            config: shape.config.clone(),
         })
+    }
+
+    /// A cluster's children as `render` prints them: its spec's layout.
+    pub fn of_spec(
+        cluster: &CaviCluster,
+        namespace: &str,
+        opts: &BuildOptions,
+    ) -> Result<Self, BuildError> {
+        let names = Names::new(cluster, namespace)?;
+        Self::build(
+            cluster,
+            namespace,
+            opts,
+            &Shape::of_spec(&names, &cluster.spec, opts),
+        )
     }
 
     /// The children as a multi-document YAML stream, as `render` prints it.
@@ -208,6 +334,10 @@ impl Children {
         doc(&mut out, &self.headless_service)?;
         doc(&mut out, &self.client_service)?;
         doc(&mut out, &self.stateful_set)?;
+        doc(&mut out, &self.disruption_budget)?;
+        if let Some(np) = &self.network_policy {
+            doc(&mut out, np)?;
+        }
         Ok(out)
     }
 }
@@ -237,47 +367,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cluster.spec.port, 3100);
-        assert_eq!(cluster.spec.image, "cavi:dev");
-        assert_eq!(cluster.spec.storage.type_, StorageType::Memory);
+        assert_eq!(cluster.spec.image, None);
+        assert_eq!(cluster.spec.storage.type_, StorageType::Persistent);
         assert_eq!(cluster.spec.shards[0].range_start, "");
-        let c = Children::build(&cluster, "default").unwrap();
+        let opts = BuildOptions::new("registry.example/cavi:7", "corp.internal");
+        let c = Children::of_spec(&cluster, "default", &opts).unwrap();
         assert_eq!(
             c.config.shards[0].addr,
-            "d-0.d-headless.default.svc.cluster.local:3100"
+            "d-0.d-headless.default.svc.corp.internal:3100"
+        );
+        let pod = c.stateful_set.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.containers[0].image.as_deref(),
+            Some("registry.example/cavi:7")
         );
         // Without a uid (a file, not an API object) there is no owner.
         assert_eq!(c.config_map.metadata.owner_references, None);
     }
 
     #[test]
-    fn config_hash_changes_when_and_only_when_the_layout_changes() {
-        let base = demo();
-        let h0 = hash_of(&base);
-        assert_eq!(h0.len(), 16);
-        assert_eq!(h0, hash_of(&demo()), "deterministic");
-
-        // Not the layout: image, resources, placement, labels of the CR.
-        let mut other = demo();
-        other.spec.image = "registry.example/cavi:9.9.9".into();
-        other.spec.resources = None;
-        other.spec.placement = None;
-        other.metadata.generation = Some(7);
-        assert_eq!(hash_of(&other), h0);
-
-        // The layout: a range, a new shard, the port (it is in every addr).
-        let mut range = demo();
-        range.spec.shards[1].range_end = Some("y".into());
-        assert_ne!(hash_of(&range), h0);
-        let mut more = demo();
-        more.spec.shards[2].range_end = Some("{z".into());
-        more.spec.shards.push(crate::crd::ShardRange {
-            range_start: "|".into(),
-            range_end: None,
-        });
-        assert_ne!(hash_of(&more), h0);
-        let mut port = demo();
-        port.spec.port = 4001;
-        assert_ne!(hash_of(&port), h0);
+    fn a_layout_change_does_not_touch_the_pod_template() {
+        let template = |c: &CaviCluster| children(c).stateful_set.spec.unwrap().template;
+        let base = template(&demo());
+        let mut split = demo();
+        split.spec.shards[1].range_end = Some("s".into());
+        split.spec.shards.insert(
+            2,
+            crate::crd::ShardRange {
+                range_start: "t".into(),
+                range_end: Some("z".into()),
+            },
+        );
+        assert_eq!(template(&split), base, "no pod restarts for a new layout");
+        let mut image = demo();
+        image.spec.image = Some("registry.example/cavi:9.9.9".into());
+        assert_ne!(template(&image), base);
     }
 
     #[test]
@@ -288,7 +412,7 @@ mod tests {
     }
 
     #[test]
-    fn render_stream_has_four_documents_in_apply_order() {
+    fn render_stream_has_every_child_in_apply_order() {
         let yaml = children(&demo()).to_yaml_stream().unwrap();
         let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&yaml)
             .map(|d| {
@@ -306,7 +430,8 @@ mod tests {
                 "ConfigMap/demo-config",
                 "Service/demo-headless",
                 "Service/demo",
-                "StatefulSet/demo"
+                "StatefulSet/demo",
+                "PodDisruptionBudget/demo"
             ]
         );
     }
@@ -330,6 +455,7 @@ metadata:
 spec:
   image: registry.example/cavi:1.2.3
   port: 4000
+  storage: { type: Memory }
   shards:
     - { rangeStart: "a", rangeEnd: "m" }
     - { rangeStart: "n", rangeEnd: "z" }
@@ -347,7 +473,7 @@ spec:
     }
 
     pub(super) fn children(cluster: &CaviCluster) -> Children {
-        Children::build(cluster, "shop").unwrap()
+        Children::of_spec(cluster, "shop", &BuildOptions::default()).unwrap()
     }
 
     pub(super) fn expected_labels() -> BTreeMap<String, String> {
@@ -384,19 +510,5 @@ spec:
 
     pub(super) fn config_yaml(cm: &ConfigMap) -> &str {
         cm.data.as_ref().unwrap().get(CONFIG_KEY).unwrap()
-    }
-
-    pub(super) fn hash_of(cluster: &CaviCluster) -> String {
-        children(cluster)
-            .stateful_set
-            .spec
-            .unwrap()
-            .template
-            .metadata
-            .unwrap()
-            .annotations
-            .unwrap()
-            .remove(CONFIG_HASH_ANNOTATION)
-            .unwrap()
     }
 }

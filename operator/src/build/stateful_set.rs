@@ -5,19 +5,20 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
-    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy,
+    StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume,
-    VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::storage::{DATA_DIR, DATA_VOLUME, data_claim_template, persistent_storage};
 use super::{
-    CONFIG_HASH_ANNOTATION, CONFIG_KEY, Names, PORT_NAME, labels, metadata, selector_labels,
+    BuildOptions, CONFIG_KEY, Names, PORT_NAME, Shape, labels, metadata, selector_labels,
     stable_hash,
 };
 use crate::crd::CaviClusterSpec;
@@ -38,8 +39,12 @@ pub const PROMETHEUS_PATH_ANNOTATION: &str = "prometheus.io/path";
 pub const METRICS_PATH: &str = "/metrics";
 /// The uid and gid the node runs as (the conventional non-root "nonroot").
 pub const RUN_AS_USER: i64 = 65532;
+/// Pod-template annotation: a hash of the rest of the template. A pod
+/// whose value differs from the StatefulSet's runs an older template; the
+/// operator rolls such pods one ordinal at a time.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "cavi.dev/template-hash";
 
-fn probe(path: &str, port: i32, period_seconds: i32) -> Probe {
+fn probe(path: &str, port: i32, period_seconds: i32, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -47,6 +52,7 @@ fn probe(path: &str, port: i32, period_seconds: i32) -> Probe {
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
         ..Probe::default()
     }
 }
@@ -59,7 +65,10 @@ fn runtime_default_seccomp() -> SeccompProfile {
 }
 
 /// The node's command line: its shard from the hostname, the mounted
-/// config, and the data directory when storage is persistent.
+/// config, and the data directory when storage is persistent. The node's
+/// own defaults do the drain: 5 s of serving with `/readyz` at 503 after
+/// SIGTERM, then up to 10 s for requests in flight, within the pod's
+/// termination grace period (30 s by default).
 pub fn node_args(spec: &CaviClusterSpec) -> Vec<String> {
     let mut args = vec![
         "from-hostname".to_owned(),
@@ -71,35 +80,53 @@ pub fn node_args(spec: &CaviClusterSpec) -> Vec<String> {
     args
 }
 
-/// Pod-template annotations: the config hash (a new layout rolls the pods)
-/// and the Prometheus scrape hints. Only the config feeds the hash.
-pub fn pod_annotations(spec: &CaviClusterSpec, config_yaml: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            CONFIG_HASH_ANNOTATION.to_owned(),
-            stable_hash(config_yaml.as_bytes()),
-        ),
+/// Pod-template annotations: the user's, then the Prometheus scrape
+/// hints. No hash of the layout: a new layout restarts nothing.
+pub fn pod_annotations(spec: &CaviClusterSpec) -> BTreeMap<String, String> {
+    let mut annotations = spec.pod_annotations.clone();
+    annotations.extend([
         (PROMETHEUS_SCRAPE_ANNOTATION.to_owned(), "true".to_owned()),
         (PROMETHEUS_PORT_ANNOTATION.to_owned(), spec.port.to_string()),
         (
             PROMETHEUS_PATH_ANNOTATION.to_owned(),
             METRICS_PATH.to_owned(),
         ),
-    ])
+    ]);
+    annotations
 }
 
-/// StatefulSet `<name>`: one pod per shard, each taking its shard id from
-/// its ordinal (`from-hostname`), with the config mounted at `/etc/cavi`.
-/// Persistent storage adds a claim template mounted at [`DATA_DIR`], the
-/// `--data-dir` flag, an `fsGroup` so the non-root node can write the
-/// volume, and the claims' retention policy. The root filesystem stays
-/// read-only either way.
-pub fn stateful_set(
-    names: &Names,
-    owner: Option<OwnerReference>,
-    spec: &CaviClusterSpec,
-    config_yaml: &str,
-) -> StatefulSet {
+/// Spread the pods over hosts, then zones, as far as the scheduler can
+/// (preferred, so a small cluster still schedules).
+fn default_spread(names: &Names) -> Vec<TopologySpreadConstraint> {
+    ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        .into_iter()
+        .map(|key| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: key.into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(names)),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        })
+        .collect()
+}
+
+/// The template hash of `template` (its own annotation left out).
+pub fn template_hash(template: &PodTemplateSpec) -> String {
+    let mut template = template.clone();
+    if let Some(a) = template
+        .metadata
+        .as_mut()
+        .and_then(|m| m.annotations.as_mut())
+    {
+        a.remove(TEMPLATE_HASH_ANNOTATION);
+    }
+    stable_hash(&serde_json::to_vec(&template).unwrap_or_default())
+}
+
+fn pod_template(names: &Names, spec: &CaviClusterSpec, opts: &BuildOptions) -> PodTemplateSpec {
     let persistent = persistent_storage(&spec.storage);
     let mut mounts = vec![VolumeMount {
         name: "config".into(),
@@ -117,18 +144,21 @@ pub fn stateful_set(
     }
     let container = Container {
         name: CONTAINER_NAME.into(),
-        image: Some(spec.image.clone()),
-        image_pull_policy: spec.image_pull_policy.clone(),
+        image: Some(opts.image(spec).to_owned()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         command: Some(vec![NODE_COMMAND.into()]),
         args: Some(node_args(spec)),
+        env: (!spec.env.is_empty()).then(|| spec.env.clone()),
         ports: Some(vec![ContainerPort {
             name: Some(PORT_NAME.into()),
             container_port: spec.port,
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
-        liveness_probe: Some(probe("/healthz", spec.port, 10)),
-        readiness_probe: Some(probe("/readyz", spec.port, 5)),
+        liveness_probe: Some(probe("/healthz", spec.port, 10, 3)),
+        // Quick to notice a draining node: endpoints drop it within ~4 s
+        // of its SIGTERM, inside the node's 5 s shutdown delay.
+        readiness_probe: Some(probe("/readyz", spec.port, 2, 2)),
         resources: spec.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -153,6 +183,8 @@ pub fn stateful_set(
         ..Volume::default()
     }];
     let placement = spec.placement.clone().unwrap_or_default();
+    let mut pod_labels = spec.pod_labels.clone();
+    pod_labels.extend(labels(names));
     let pod_spec = PodSpec {
         containers: vec![container],
         volumes: Some(volumes),
@@ -163,37 +195,83 @@ pub fn stateful_set(
             // The kubelet makes the volume group-writable for this gid;
             // only when the root's group differs, so a large volume is not
             // walked on every start.
-            fs_group: persistent.map(|_| RUN_AS_USER),
-            fs_group_change_policy: persistent.map(|_| "OnRootMismatch".into()),
+            fs_group: persistent.as_ref().map(|_| RUN_AS_USER),
+            fs_group_change_policy: persistent.as_ref().map(|_| "OnRootMismatch".into()),
             seccomp_profile: Some(runtime_default_seccomp()),
             ..PodSecurityContext::default()
         }),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
+        service_account_name: spec.service_account_name.clone(),
+        priority_class_name: spec.priority_class_name.clone(),
+        image_pull_secrets: (!spec.image_pull_secrets.is_empty())
+            .then(|| spec.image_pull_secrets.clone()),
+        termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
         node_selector: (!placement.node_selector.is_empty()).then_some(placement.node_selector),
         tolerations: (!placement.tolerations.is_empty()).then_some(placement.tolerations),
         affinity: placement.affinity,
+        topology_spread_constraints: Some(
+            placement
+                .topology_spread_constraints
+                .unwrap_or_else(|| default_spread(names)),
+        ),
         ..PodSpec::default()
     };
+    let mut template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: Some(pod_annotations(spec)),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(pod_spec),
+    };
+    let hash = template_hash(&template);
+    if let Some(a) = template
+        .metadata
+        .as_mut()
+        .and_then(|m| m.annotations.as_mut())
+    {
+        a.insert(TEMPLATE_HASH_ANNOTATION.to_owned(), hash);
+    }
+    template
+}
+
+/// StatefulSet `<name>`: one pod per ordinal, each taking its shard id from
+/// its ordinal (`from-hostname`), with the config mounted at `/etc/cavi`.
+/// Persistent storage adds a claim template mounted at [`DATA_DIR`], the
+/// `--data-dir` flag, an `fsGroup` so the non-root node can write the
+/// volume, and the claims' retention policy. The root filesystem stays
+/// read-only either way. Template changes roll from the highest ordinal
+/// down, as far as `shape.partition` allows.
+pub fn stateful_set(
+    names: &Names,
+    owner: Option<OwnerReference>,
+    spec: &CaviClusterSpec,
+    opts: &BuildOptions,
+    shape: &Shape,
+) -> StatefulSet {
+    let persistent = persistent_storage(&spec.storage);
     StatefulSet {
         metadata: metadata(names, names.stateful_set(), owner),
         spec: Some(StatefulSetSpec {
-            replicas: Some(i32::try_from(spec.shards.len()).unwrap_or(i32::MAX)),
+            replicas: Some(shape.replicas),
             service_name: Some(names.headless_service()),
             pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(names)),
                 ..LabelSelector::default()
             },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(names)),
-                    annotations: Some(pod_annotations(spec, config_yaml)),
-                    ..ObjectMeta::default()
+            template: pod_template(names, spec, opts),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                    partition: Some(shape.partition),
+                    ..RollingUpdateStatefulSetStrategy::default()
                 }),
-                spec: Some(pod_spec),
-            },
-            volume_claim_templates: persistent.map(|p| vec![data_claim_template(names, p)]),
+            }),
+            volume_claim_templates: persistent
+                .as_ref()
+                .map(|p| vec![data_claim_template(names, p)]),
             persistent_volume_claim_retention_policy: persistent.map(|p| {
                 StatefulSetPersistentVolumeClaimRetentionPolicy {
                     when_deleted: Some(p.retention_policy.when_deleted.as_str().into()),
@@ -235,9 +313,78 @@ mod tests {
         }
         let annotations = template_meta.annotations.as_ref().unwrap();
         assert_eq!(
-            annotations.get(CONFIG_HASH_ANNOTATION),
-            Some(&stable_hash(config_yaml(&c.config_map).as_bytes()))
+            annotations.get(TEMPLATE_HASH_ANNOTATION),
+            Some(&template_hash(&spec.template))
         );
+        let rolling = spec.update_strategy.as_ref().unwrap();
+        assert_eq!(rolling.type_.as_deref(), Some("RollingUpdate"));
+        assert_eq!(rolling.rolling_update.as_ref().unwrap().partition, Some(0));
+    }
+
+    #[test]
+    fn pod_knobs_are_copied_and_the_spread_defaults_to_hosts_then_zones() {
+        let mut c = demo();
+        c.spec.env = vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "CAVI_PEER_TIMEOUT".into(),
+            value: Some("3s".into()),
+            ..Default::default()
+        }];
+        c.spec.pod_labels = BTreeMap::from([
+            ("team".into(), "kv".into()),
+            ("app.kubernetes.io/name".into(), "mine".into()),
+        ]);
+        c.spec.pod_annotations = BTreeMap::from([("note".into(), "x".into())]);
+        c.spec.priority_class_name = Some("high".into());
+        c.spec.service_account_name = Some("cavi-nodes".into());
+        c.spec.termination_grace_period_seconds = 45;
+        c.spec.image_pull_secrets = vec![k8s_openapi::api::core::v1::LocalObjectReference {
+            name: "regcred".into(),
+        }];
+        c.spec.image_pull_policy = Some(crate::crd::PullPolicy::Always);
+        let template = children(&c).stateful_set.spec.unwrap().template;
+        let meta = template.metadata.unwrap();
+        let labels = meta.labels.unwrap();
+        assert_eq!(labels["team"], "kv");
+        assert_eq!(
+            labels["app.kubernetes.io/name"], "cavi",
+            "the selector's labels win"
+        );
+        assert_eq!(meta.annotations.unwrap()["note"], "x");
+        let pod = template.spec.unwrap();
+        assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("cavi-nodes"));
+        assert_eq!(pod.termination_grace_period_seconds, Some(45));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+        let container = &pod.containers[0];
+        assert_eq!(container.image_pull_policy.as_deref(), Some("Always"));
+        assert_eq!(container.env.as_ref().unwrap()[0].name, "CAVI_PEER_TIMEOUT");
+        let spread = pod.topology_spread_constraints.unwrap();
+        let keys: Vec<&str> = spread.iter().map(|t| t.topology_key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        );
+        assert!(
+            spread
+                .iter()
+                .all(|t| t.when_unsatisfiable == "ScheduleAnyway" && t.max_skew == 1)
+        );
+
+        // A placement of one's own replaces the default spread.
+        let mut own = demo();
+        own.spec
+            .placement
+            .as_mut()
+            .unwrap()
+            .topology_spread_constraints = Some(vec![]);
+        let pod = children(&own)
+            .stateful_set
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(pod.topology_spread_constraints, Some(vec![]));
     }
 
     #[test]
@@ -368,7 +515,7 @@ mod tests {
     }
 
     #[test]
-    fn pods_carry_prometheus_annotations_that_do_not_feed_the_hash() {
+    fn pods_carry_prometheus_annotations_and_the_template_hash() {
         let c = children(&demo());
         let template = c.stateful_set.spec.unwrap().template;
         let annotations = template.metadata.unwrap().annotations.unwrap();
@@ -383,10 +530,7 @@ mod tests {
             ports[0].container_port.to_string(),
             annotations["prometheus.io/port"]
         );
-        // The hash is the config's alone, whatever else is annotated.
-        assert_eq!(
-            annotations[CONFIG_HASH_ANNOTATION],
-            stable_hash(config_yaml(&c.config_map).as_bytes())
-        );
+        // The hash covers the template, not the layout in the ConfigMap.
+        assert_eq!(annotations[TEMPLATE_HASH_ANNOTATION].len(), 16);
     }
 }

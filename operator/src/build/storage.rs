@@ -9,7 +9,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{Names, labels};
-use crate::crd::{PersistentStorage, StorageSpec, StorageType};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use crate::crd::{
+    DEFAULT_VOLUME_SIZE, PersistentStorage, RetentionPolicy, StorageSpec, StorageType,
+};
 
 /// Name of the volume claim template of persistent storage, and of the
 /// volume it mounts; the StatefulSet names each claim `data-<pod>`.
@@ -17,13 +21,24 @@ pub const DATA_VOLUME: &str = "data";
 /// Where a persistent shard's volume is mounted and what `--data-dir` says.
 pub const DATA_DIR: &str = "/var/lib/cavi";
 
-/// The persistent storage a spec asks for, if it asks for any (a
-/// `Persistent` type without its member is refused by the CRD and by
-/// [`crate::validate`], and builds like `Memory`).
-pub fn persistent_storage(storage: &StorageSpec) -> Option<&PersistentStorage> {
+/// The persistent storage a spec asks for, if it asks for any, with the
+/// defaults filled in (a `Persistent` type without its member is 1Gi of the
+/// default class, retained).
+pub fn persistent_storage(storage: &StorageSpec) -> Option<PersistentStorage> {
     match storage.type_ {
         StorageType::Memory => None,
-        StorageType::Persistent => storage.persistent.as_ref(),
+        StorageType::Persistent => {
+            Some(
+                storage
+                    .persistent
+                    .clone()
+                    .unwrap_or_else(|| PersistentStorage {
+                        size: Quantity(DEFAULT_VOLUME_SIZE.to_owned()),
+                        storage_class_name: None,
+                        retention_policy: RetentionPolicy::default(),
+                    }),
+            )
+        }
     }
 }
 
@@ -248,10 +263,22 @@ spec:
     }
 
     #[test]
-    fn storage_does_not_feed_the_config_hash() {
-        // The hash rolls pods for a new layout; storage has its own rules.
-        let mut memory = persistent();
-        memory.spec.storage = crate::crd::StorageSpec::default();
-        assert_eq!(hash_of(&memory), hash_of(&persistent()));
+    fn persistent_storage_is_the_default_with_one_gibibyte() {
+        let mut bare = persistent();
+        bare.spec.storage = crate::crd::StorageSpec::default();
+        let sts = children(&bare).stateful_set.spec.unwrap();
+        let claim = &sts.volume_claim_templates.unwrap()[0];
+        let requests = claim
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap();
+        assert_eq!(requests["storage"].0, "1Gi");
+        assert_eq!(claim.spec.as_ref().unwrap().storage_class_name, None);
     }
 }

@@ -2,6 +2,8 @@
 //! taken in order, asserted, and answered by the test.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod world;
+
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};

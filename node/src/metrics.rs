@@ -59,6 +59,7 @@ pub struct Metrics {
     fan_out: Histogram,
     keys: Gauge,
     bytes: Gauge,
+    fault: Gauge,
     epoch: Gauge,
     moves: Family<OutcomeLabels, Counter>,
     moved_keys: Counter,
@@ -83,6 +84,12 @@ impl Metrics {
         let keys = Gauge::default();
         let bytes = Gauge::default();
         let epoch = Gauge::default();
+        let fault = Gauge::default();
+        registry.register(
+            "storage_fault",
+            "1 while the storage refuses writes (a full disk, an I/O error; the node retries and /readyz says why)",
+            fault.clone(),
+        );
         let moves = Family::<OutcomeLabels, Counter>::default();
         let moved_keys = Counter::default();
         let moved_bytes = Counter::default();
@@ -156,6 +163,7 @@ impl Metrics {
             fan_out,
             keys,
             bytes,
+            fault,
             epoch,
             moves,
             moved_keys,
@@ -222,9 +230,11 @@ impl Metrics {
         &self,
         keys: u64,
         bytes: u64,
+        faulted: bool,
         epoch: u64,
         moves: &[crate::moves::MoveStatus],
     ) -> String {
+        self.fault.set(i64::from(faulted));
         self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
         self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
@@ -280,7 +290,7 @@ mod tests {
         m.record_peer(1, "kv", "peer_timeout");
         m.record_fan_out(2);
         m.moved(3, 300);
-        let text = m.render(7, 1234, 5, &[]);
+        let text = m.render(7, 1234, true, 5, &[]);
         for needle in [
             "cavi_http_requests_total{method=\"GET\",route=\"/kv/{*key}\",status=\"200\"} 1",
             "cavi_http_request_duration_seconds_bucket{le=\"0.0016\",method=\"GET\",route=\"/kv/{*key}\"} 0",
@@ -290,6 +300,7 @@ mod tests {
             "cavi_stored_keys 7",
             "cavi_stored_bytes 1234",
             "cavi_shard_map_epoch 5",
+            "cavi_storage_fault 1",
             "cavi_move_keys_total 3",
             "cavi_move_bytes_total 300",
         ] {

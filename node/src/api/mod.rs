@@ -200,13 +200,13 @@ async fn cluster(State(node): State<AppState>) -> Result<Json<ClusterView>, ApiE
 }
 
 async fn metrics(State(node): State<AppState>) -> Response {
-    let (keys, bytes) = node
+    let (keys, bytes, faulted) = node
         .store()
-        .map(|s| (s.len(), s.bytes()))
+        .map(|s| (s.len(), s.bytes(), s.fault().is_some()))
         .unwrap_or_default();
     let text = node
         .metrics()
-        .render(keys, bytes, node.map().epoch, &node.moves());
+        .render(keys, bytes, faulted, node.map().epoch, &node.moves());
     (
         [(
             header::CONTENT_TYPE,

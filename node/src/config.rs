@@ -170,17 +170,22 @@ impl ClusterConfig {
         Ok(serde_yaml::to_string(self)?)
     }
 
-    /// The layout rules of the key space: at least one shard, unique ids,
-    /// valid addresses, each range `start <= end`, listed in key order,
-    /// no two ranges sharing a key. Gaps are allowed.
+    /// The layout rules of the key space: at least one shard, one valid
+    /// address per id, each range `start <= end`, listed in key order, no
+    /// two ranges sharing a key. Gaps are allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.shards.is_empty() {
             return Err(ConfigError::Invalid("it lists no shards".into()));
         }
         for (i, shard) in self.shards.iter().enumerate() {
-            if let Some(other) = self.shards[..i].iter().find(|s| s.id == shard.id) {
+            // A shard may serve several ranges (a merge of ranges that do
+            // not meet, a hand-over): the same id again, at one address.
+            if let Some(other) = self.shards[..i]
+                .iter()
+                .find(|s| s.id == shard.id && s.addr != shard.addr)
+            {
                 return Err(ConfigError::Invalid(format!(
-                    "shard id {} is used twice (addresses {} and {})",
+                    "shard id {} is used twice with different addresses ({} and {})",
                     shard.id, other.addr, shard.addr
                 )));
             }
@@ -353,6 +358,10 @@ shards:
     fn other_layout_errors() {
         assert!(err("shards: []\n").contains("no shards"));
         assert!(err("shards:\n  - {id: 0, addr: 'h:1', range_end: c}\n  - {id: 0, addr: 'h:2', range_start: d}\n").contains("used twice"));
+        let two_ranges = ClusterConfig::from_yaml(
+            "shards:\n  - {id: 0, addr: 'h:1', range_end: c}\n  - {id: 1, addr: 'h:2', range_start: d, range_end: f}\n  - {id: 0, addr: 'h:1', range_start: g}\n",
+        );
+        assert!(two_ranges.is_ok(), "one shard, two ranges: {two_ranges:?}");
         assert!(err("shards:\n  - {id: 0, addr: 'nohost'}\n").contains("HOST:PORT"));
         assert!(err("shards:\n  - {id: 0, addr: 'h:99999'}\n").contains("HOST:PORT"));
     }

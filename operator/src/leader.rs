@@ -210,9 +210,12 @@ impl LeaderElector {
                 );
                 return;
             }
+            // A renewal counts from when it was sent, not answered: the
+            // record it wrote may be that old in another replica's eyes.
+            let sent = Instant::now();
             let attempt = tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await;
             match attempt {
-                Ok(Ok(true)) => last_renewal = Instant::now(),
+                Ok(Ok(true)) => last_renewal = sent,
                 Ok(Ok(false)) => {
                     warn!("the leader lease was taken by another replica");
                     return;

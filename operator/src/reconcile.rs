@@ -907,17 +907,31 @@ async fn refuse(
     Err(Error::InvalidSpec(invalid))
 }
 
+/// Publishes an event. The recorder folds an event into an earlier one
+/// with the same type, reason and action (a series, keeping the earlier
+/// note), so the action carries a fingerprint of the note: a repeat of
+/// the same message counts up, a new message (the next move, a different
+/// refusal) is its own event instead of vanishing into the old one.
 async fn publish(ctx: &Context, cluster: &CaviCluster, type_: EventType, reason: &str, note: &str) {
     let event = Event {
         type_,
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        action: event_action(note),
         secondary: None,
     };
     if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
         warn!(%error, "could not publish an event");
     }
+}
+
+/// `Reconcile/<fingerprint of the note>`: see [`publish`].
+fn event_action(note: &str) -> String {
+    // FNV-1a: stable across runs and processes, unlike the std hasher.
+    let hash = note.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("Reconcile/{:08x}", hash as u32)
 }
 
 /// Applies every child whose intent changed, in dependency order: config

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use percent_encoding::utf8_percent_encode;
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, HeaderMap};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde::Serialize;
 
 use cavi_node::keyspace::KeyRange;
@@ -310,7 +310,7 @@ impl Client {
         if status.is_success() {
             Ok((headers, body))
         } else {
-            Err(self.server_error(status, &body))
+            Err(self.server_error(status, &headers, &body))
         }
     }
 
@@ -321,7 +321,12 @@ impl Client {
         })
     }
 
-    fn server_error(&self, status: StatusCode, body: &[u8]) -> ClientError {
+    fn server_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ClientError {
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         match serde_json::from_slice::<ErrorBody>(body) {
             Ok(ErrorBody {
                 error, code, epoch, ..
@@ -330,11 +335,13 @@ impl Client {
                 code,
                 sentence: error,
                 epoch,
+                retry_after,
             },
             Err(_) => ClientError::Server {
                 status: status.as_u16(),
                 code: String::new(),
                 epoch: None,
+                retry_after,
                 sentence: if body.is_empty() {
                     format!("{} answered {status}", self.base)
                 } else {

@@ -14,7 +14,7 @@ use cavi_node::settings::parse_duration;
 use crate::cluster::{self, PROBE_TIMEOUT};
 use crate::load::{self, DEFAULT_CONCURRENCY, Format, Progress, Records};
 use crate::reshard::{self, Driver};
-use crate::routing::Router;
+use crate::routing::{RetryPolicy, Router};
 use crate::table::Table;
 use crate::{Client, ClientError, DEFAULT_ENDPOINT};
 
@@ -52,6 +52,12 @@ pub struct Cli {
     /// shards' own addresses do not resolve.
     #[arg(long, global = true, env = "CAVI_NO_ROUTING")]
     pub no_routing: bool,
+
+    /// Retries of a get, put or delete the cluster could not serve just
+    /// then (a 503 such as a restarting shard, or no answer), with backoff
+    /// from 100ms doubling to 2s, or as the server's Retry-After says.
+    #[arg(long, global = true, env = "CAVI_RETRIES", default_value_t = 4)]
+    pub retries: u32,
 
     #[command(subcommand)]
     pub command: Command,
@@ -151,7 +157,11 @@ pub enum Command {
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
     let client = Client::new(&cli.endpoint, cli.timeout)?;
     let json = cli.output == Output::Json;
-    let router = Arc::new(Router::new(client.clone(), !cli.no_routing));
+    let retry = RetryPolicy {
+        attempts: cli.retries.saturating_add(1),
+        ..RetryPolicy::default()
+    };
+    let router = Arc::new(Router::new(client.clone(), !cli.no_routing).with_retry(retry));
     match cli.command {
         Command::Get { key } => {
             let value = router.get(&key).await?;

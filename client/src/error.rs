@@ -17,6 +17,8 @@ pub enum ClientError {
         sentence: String,
         /// On a 421: the epoch of the answering node's map.
         epoch: Option<u64>,
+        /// The answer's `Retry-After`, when it had one (a `503`).
+        retry_after: Option<std::time::Duration>,
     },
     /// No answer: connection refused, name not resolved, timeout.
     #[error("cannot reach {endpoint}: {reason}")]
@@ -83,6 +85,7 @@ mod tests {
             code: "key_not_found".into(),
             sentence: "key \"x\" not found".into(),
             epoch: None,
+            retry_after: None,
         };
         assert_eq!(server.to_string(), "key \"x\" not found");
         assert_eq!(server.exit_code(), 1);

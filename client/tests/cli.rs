@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cavi_node::testkit::{Cluster, Member, SEED, bind, fast_settings};
+use cavi_node::testkit::{Cluster, Member, SEED, bind, fast_settings, spawn_node};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -28,6 +28,8 @@ async fn cavi_env(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> 
     for var in [
         "CAVI_ENDPOINT",
         "CAVI_TIMEOUT",
+        "CAVI_RETRIES",
+        "CAVI_NO_ROUTING",
         "HTTP_PROXY",
         "http_proxy",
         "ALL_PROXY",
@@ -565,4 +567,27 @@ async fn search_with_a_dead_shard_fails_unless_partial() {
             .contains("partial answer: shard(s) 1 did not answer"),
         "{run:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_shard_is_retried_with_backoff_until_it_answers() {
+    let mut c = Cluster::start_with(&SEED, &[Member::Node, Member::Dead], fast_settings()).await;
+    // Without retries the 503 is the answer.
+    let run = cavi(&c.url(0), &["--retries", "0", "put", "zebra", "1"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("shard 1"), "{run:?}");
+
+    // With the default retries, the shard coming back in time is enough.
+    let put = tokio::spawn({
+        let url = c.url(0);
+        async move { cavi(&url, &["put", "zebra", "2"]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!put.is_finished(), "still retrying");
+    let addr = c.config.shards[1].addr.clone();
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    c.nodes[1] = Some(spawn_node(listener, c.config.clone(), 1, fast_settings()));
+    let run = put.await.unwrap();
+    ok(&run);
+    assert_eq!(stored(&c, 1, "zebra").await.as_deref(), Some("2"));
 }

@@ -222,9 +222,12 @@ impl Args {
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let colors = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // Logs go to stderr, as diagnostics do; a container runtime collects
+    // both streams.
+    let colors = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(colors);
     match format {
         LogFormat::Text => builder.init(),

@@ -332,12 +332,38 @@ impl PeerClient {
             PeerError::ConnectTimeout(self.connect_timeout)
         } else if e.is_timeout() {
             PeerError::Timeout(self.request_timeout)
-        } else if e.is_connect() {
+        } else if e.is_connect() || closed_by_peer(&e) {
             PeerError::Unavailable(transport_cause(&e))
         } else {
             PeerError::BadResponse(transport_cause(&e))
         }
     }
+}
+
+/// Whether the peer closed the connection under the request (it was
+/// shutting down, or crashed): the sign of a restart, like a refused
+/// connection, not of a peer that answers nonsense.
+fn closed_by_peer(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+        {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An error answer as a [`PeerError::Refused`], keeping the peer's words.

@@ -169,3 +169,33 @@ async fn hung_peer_is_a_504_after_the_peer_timeout() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn a_peer_that_closes_the_connection_under_a_request_is_a_503_with_retry_after() {
+    // Shard 1 reads each request and hangs up without an answer, as a
+    // process going down mid-request does.
+    let (listener, peer) = bind().await;
+    let closer = tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
+            drop(socket);
+        }
+    });
+    let (l0, a0) = bind().await;
+    let config = layout(&SEED, &[a0, peer]);
+    let node = spawn_node(l0, config, 0, fast_settings());
+    let client = common::Client::new();
+    for answer in [
+        client.get(&node.url(), "zebra").await,
+        client.put(&node.url(), "zebra", "z").await,
+    ] {
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{answer:?}");
+        assert_eq!(answer.code(), "peer_unavailable");
+        assert!(answer.headers.get("retry-after").is_some(), "{answer:?}");
+    }
+    closer.abort();
+}

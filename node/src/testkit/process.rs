@@ -211,6 +211,17 @@ impl NodeProc {
         }
     }
 
+    /// Sends signal `name` (`TERM`, `KILL`, ...) to the running process.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("a running node");
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
     /// SIGKILL, and waits for the process to be gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -5,7 +5,7 @@
 //! may return).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -81,6 +81,35 @@ impl Ledger {
     }
 }
 
+/// The nodes clients send to, changeable while they run: what a load
+/// balancer's endpoint list is to the clients behind it.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints(Arc<RwLock<Vec<String>>>);
+
+impl Endpoints {
+    pub fn new(urls: Vec<String>) -> Self {
+        Self(Arc::new(RwLock::new(urls)))
+    }
+
+    /// Takes `url` out (a node turned unready).
+    pub fn remove(&self, url: &str) {
+        self.0.write().unwrap().retain(|u| u != url);
+    }
+
+    /// Puts `url` back (a node ready again).
+    pub fn add(&self, url: &str) {
+        let mut urls = self.0.write().unwrap();
+        if !urls.iter().any(|u| u == url) {
+            urls.push(url.to_owned());
+        }
+    }
+
+    fn pick(&self, rng: &mut Rng) -> Option<String> {
+        let urls = self.0.read().unwrap();
+        (!urls.is_empty()).then(|| urls[rng.below(urls.len() as u64) as usize].clone())
+    }
+}
+
 /// A running workload.
 pub struct Workload {
     stop: watch::Sender<bool>,
@@ -95,11 +124,19 @@ impl Workload {
     /// `workers` clients, each sending to a random one of `urls` (so keys
     /// are forwarded too), over keys `<letter><worker>-<n>`.
     pub fn start(urls: Vec<String>, workers: usize, seed: u64) -> Self {
+        Self::start_on(Endpoints::new(urls), workers, seed, Duration::ZERO)
+    }
+
+    /// As [`Workload::start`], over `endpoints` as they change; a worker
+    /// whose request failed waits `backoff` before its next one, as a
+    /// client told `Retry-After` would.
+    pub fn start_on(endpoints: Endpoints, workers: usize, seed: u64, backoff: Duration) -> Self {
         let (stop, stopped) = watch::channel(false);
         let ledger = Arc::new(Mutex::new(Ledger::default()));
         let mut tasks = JoinSet::new();
         for w in 0..workers {
-            let (urls, ledger, mut stopped) = (urls.clone(), ledger.clone(), stopped.clone());
+            let (endpoints, ledger, mut stopped) =
+                (endpoints.clone(), ledger.clone(), stopped.clone());
             tasks.spawn(async move {
                 let client = Client::new();
                 let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -107,7 +144,11 @@ impl Workload {
                 while !*stopped.borrow_and_update() {
                     let letter = LETTERS.as_bytes()[rng.below(26) as usize] as char;
                     let key = format!("{letter}{w:02}-{}", rng.below(40));
-                    let url = &urls[rng.below(urls.len() as u64) as usize];
+                    let Some(url) = endpoints.pick(&mut rng) else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    let url = &url;
                     let dice = rng.below(100);
                     seq += 1;
                     let state = ledger
@@ -117,15 +158,25 @@ impl Workload {
                         .get(&key)
                         .cloned()
                         .unwrap_or_default();
+                    let wrote = |a: &Result<(StatusCode, serde_json::Value), String>| {
+                        !matches!(a, Ok((StatusCode::NO_CONTENT, _)))
+                    };
+                    let failed;
                     if dice < 60 {
                         let value = format!("w{w}-{seq}");
                         let put = client.try_put(url, &key, &value).await;
+                        failed = wrote(&put);
                         record(&ledger, &key, letter, put, Some(value));
                     } else if dice < 75 {
                         let del = client.try_delete(url, &key).await;
+                        failed = wrote(&del);
                         record(&ledger, &key, letter, del, None);
                     } else {
                         let got = client.try_get(url, &key).await;
+                        failed = !matches!(
+                            got,
+                            Ok((StatusCode::OK | StatusCode::NOT_FOUND, _))
+                        );
                         let mut l = ledger.lock().unwrap();
                         match got {
                             Ok((StatusCode::OK, body)) => {
@@ -162,6 +213,9 @@ impl Workload {
                             }
                         }
                     }
+                    if failed && !backoff.is_zero() {
+                        tokio::time::sleep(backoff).await;
+                    }
                 }
             });
         }
@@ -170,6 +224,16 @@ impl Workload {
             tasks,
             ledger,
         }
+    }
+
+    /// Failed requests so far, by the first letter of their key.
+    pub fn failed_keys(&self) -> BTreeMap<char, u64> {
+        self.ledger.lock().unwrap().failed_keys.clone()
+    }
+
+    /// Failed requests so far.
+    pub fn failures(&self) -> u64 {
+        self.ledger.lock().unwrap().failures()
     }
 
     /// Requests answered so far.

@@ -96,7 +96,8 @@ pub struct Args {
     pub fence_timeout: Duration,
 
     /// Most writes waiting for the disk (durable storage); when full,
-    /// writers wait up to the request timeout, then get 503 overloaded.
+    /// writers wait up to half the request timeout, then get 503 overloaded
+    /// (the other half is left for the write itself).
     #[arg(long, env = "CAVI_MAX_QUEUED_WRITES", default_value_t = 16 * 1024)]
     pub max_queued_writes: usize,
 
@@ -183,7 +184,11 @@ impl Args {
                 if self.listen.is_some() {
                     return Err("--listen names one socket; it cannot be used with `all`".into());
                 }
-                Ok(config.shards.iter().map(|s| s.id).collect())
+                // A shard may serve several ranges: one process each.
+                let mut ids: Vec<u32> = config.shards.iter().map(|s| s.id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                Ok(ids)
             }
             ShardSelector::FromHostname => {
                 let host = hostname().ok_or("cannot read the host name ($HOSTNAME is empty)")?;
@@ -243,7 +248,9 @@ fn open_store(args: &Args, id: u32) -> Result<Arc<dyn Store>, String> {
     let mut options = DiskOptions::new(root.join(format!("shard-{id}")));
     options.max_queued_writes = args.max_queued_writes;
     options.max_queued_bytes = args.max_queued_bytes;
-    options.queue_timeout = args.request_timeout;
+    // Half the request timeout: a writer turned away gets its 503 before
+    // the request as a whole would time out with a 504.
+    options.queue_timeout = args.request_timeout / 2;
     options.faults = Faults::from_env();
     let store = DiskStore::open(&options).map_err(|e| e.to_string())?;
     tracing::info!(shard = id, dir = %options.dir.display(), keys = store.len(), "storage open");

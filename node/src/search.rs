@@ -514,6 +514,19 @@ async fn scan(store: Arc<dyn Store>, q: &PageQuery<'_>, span: Span) -> Result<Pa
         .map_err(|e| ApiError::Internal(format!("scan task failed: {e}")))??)
 }
 
+/// [`entries_json`], on the blocking pool when the chunk is large: escaping
+/// megabytes of values is long enough to keep a worker from the requests
+/// (and the I/O events) queued behind it.
+pub async fn entries_json_off_workers(entries: Vec<Entry>, first: bool) -> Result<Bytes, ApiError> {
+    const INLINE_BYTES: usize = 64 << 10;
+    if entries.iter().map(Entry::size).sum::<usize>() <= INLINE_BYTES {
+        return Ok(entries_json(&entries, first));
+    }
+    tokio::task::spawn_blocking(move || entries_json(&entries, first))
+        .await
+        .map_err(|e| ApiError::Internal(format!("encoding a search page failed: {e}")))
+}
+
 /// The JSON of a list of entries, without the brackets: a chunk of a
 /// streamed answer.
 pub fn entries_json(entries: &[Entry], first: bool) -> Bytes {

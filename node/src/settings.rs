@@ -18,12 +18,12 @@ pub struct Settings {
     /// its writes reaches the target; past it the fence is lifted.
     pub fence_timeout: Duration,
     /// Entries and key+value bytes of one search page: what a search
-    /// holds per shard at a time, and at most what one answer with
-    /// `limit` carries before it stops with a cursor.
+    /// holds per shard at a time.
     pub search_page_keys: usize,
     pub search_page_bytes: usize,
-    /// An answer without `limit` smaller than this is sent whole, its
-    /// status decided after every shard answered; a larger one streams.
+    /// An answer smaller than this is sent whole, its status decided after
+    /// every shard answered; past it an answer without `limit` streams,
+    /// and one with `limit` stops with a cursor.
     pub search_buffer_bytes: usize,
 }
 

@@ -122,8 +122,34 @@ fn bad_configs_and_arguments_exit_with_a_sentence() {
     )
     .unwrap();
     let overlap = overlap.to_str().unwrap();
+    // Addresses that are not HOST:PORT a peer can dial.
+    let bad_addr = |name: &str, addr: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!("shards:\n  - {{id: 0, addr: '{addr}', range_start: a, range_end: m}}\n  - {{id: 1, addr: '127.0.0.1:2', range_start: n}}\n"),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let url = bad_addr("url.yaml", "http://127.0.0.1:3906");
+    let path = bad_addr("path.yaml", "127.0.0.1:3906/kv");
+    let any_v4 = bad_addr("any4.yaml", "0.0.0.0:3906");
+    let any_v6 = bad_addr("any6.yaml", "[::]:3906");
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 9] = [
+        (
+            &["0", &url],
+            &[],
+            "shard 0: address \"http://127.0.0.1:3906\" is not HOST:PORT",
+        ),
+        (
+            &["1", &path],
+            &[],
+            "shard 0: address \"127.0.0.1:3906/kv\" is not HOST:PORT",
+        ),
+        (&["0", &any_v4], &[], "cannot be dialled by peers"),
+        (&["0", &any_v6], &[], "cannot be dialled by peers"),
         (&["0", overlap], &[], "shards 0"),
         (
             &["0", "/nonexistent/config.yaml"],

@@ -216,6 +216,41 @@ async fn routing_errors_are_json() {
         .await;
     assert_eq!(bad_utf8.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_utf8.code(), "invalid_key");
+    // Percent-decoding only, exactly once, the same in both forms: bytes
+    // that are not UTF-8 are refused, never replaced (so %FE and %FF
+    // cannot both become U+FFFD and name one key), and `+` stays `+`.
+    for (url, code) in [
+        (format!("{n0}/kv?key=%FE"), "invalid_key"),
+        (format!("{n0}/kv?key=%FF"), "invalid_key"),
+        (format!("{n0}/kv/%FE"), "invalid_key"),
+        (format!("{n0}/search?prefix=%FE"), "invalid_query"),
+    ] {
+        let bad = c.client.send(c.client.http.get(&url)).await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{url}");
+        assert_eq!(bad.code(), code, "{url}: {bad:?}");
+    }
+    let plus = c
+        .client
+        .send(
+            c.client
+                .http
+                .put(format!("{n0}/kv?key=a+b"))
+                .header("content-type", "application/json")
+                .body(r#"{"value": "plus"}"#),
+        )
+        .await;
+    assert_eq!(plus.status, StatusCode::NO_CONTENT);
+    assert_eq!(c.client.get(&n0, "a+b").await.body, "plus");
+    assert_eq!(c.client.get(&n0, "a b").await.status, StatusCode::NOT_FOUND);
+    let twice = c
+        .client
+        .send(c.client.http.get(format!("{n0}/kv/a%252Bb")))
+        .await;
+    assert_eq!(
+        twice.status,
+        StatusCode::NOT_FOUND,
+        "decoded once: the key is a%2Bb"
+    );
     let bad_query = c.client.search(&n0, "prefix=a&limit=many").await;
     assert_eq!(bad_query.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_query.code(), "invalid_query");

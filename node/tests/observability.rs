@@ -153,8 +153,8 @@ async fn json_logs_carry_the_request_id() {
     let child = Command::new(env!("CARGO_BIN_EXE_kvstore-api"))
         .args(["0", config.to_str().unwrap(), "--log-format", "json"])
         .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut node = Proc(child);
@@ -170,10 +170,10 @@ async fn json_logs_carry_the_request_id() {
         .await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
 
-    let stdout = node.0.stdout.take().unwrap();
+    let logs = node.0.stderr.take().unwrap();
     let found = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut lines = BufReader::new(stdout).lines();
+        let mut lines = BufReader::new(logs).lines();
         while Instant::now() < deadline {
             let line = lines.next()?.ok()?;
             let json: serde_json::Value = serde_json::from_str(&line)

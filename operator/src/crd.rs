@@ -345,11 +345,10 @@ pub struct RetentionPolicy {
     #[serde(default)]
     pub when_deleted: RetentionAction,
 
-    /// What happens to the claims of shards removed from the layout. The
-    /// operator refuses removing a shard until resharding exists, so today
-    /// it matters only when someone scales the StatefulSet down by hand:
-    /// the operator scales it back, and with `Delete` the shard comes back
-    /// empty.
+    /// What happens to the claims of ordinals the StatefulSet scales away
+    /// once a layout change has moved every key off them: with `Retain`
+    /// the claim (empty of owned keys) stays for a later scale-up, with
+    /// `Delete` it goes.
     #[serde(default)]
     pub when_scaled: RetentionAction,
 }

@@ -19,7 +19,7 @@ use crate::moves::{
 };
 use crate::node::Node;
 use crate::peers::PageQuery;
-use crate::search::entries_json;
+use crate::search::entries_json_off_workers;
 use crate::shard_map::ShardMap;
 use crate::wire::{NEXT_CURSOR_HEADER, parse_query};
 
@@ -118,15 +118,16 @@ async fn search_page(
             max_bytes: q.max_bytes.min(node.settings().search_page_bytes),
         })
         .await?;
+    let more = page.more;
     let mut body = b"[".to_vec();
-    body.extend_from_slice(&entries_json(&page.entries, true));
+    body.extend_from_slice(&entries_json_off_workers(page.entries, true).await?);
     body.push(b']');
     let mut response = (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
     )
         .into_response();
-    if page.more {
+    if more {
         response
             .headers_mut()
             .insert(NEXT_CURSOR_HEADER, HeaderValue::from_static("more"));

@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::peers::{Caller, KvOp};
-use crate::search::{SearchParams, entries_json};
+use crate::search::{SearchParams, entries_json_off_workers};
 use crate::wire::{ClusterView, NEXT_CURSOR_HEADER, PARTIAL_HEADER, REQUEST_ID_HEADER};
 pub use extract::PutBody;
 use extract::{Key, RawQuery};
@@ -102,12 +102,12 @@ async fn search(
     let mut response = match found.rest {
         None => {
             let mut body = b"[".to_vec();
-            body.extend_from_slice(&entries_json(&found.entries, true));
+            body.extend_from_slice(&entries_json_off_workers(found.entries, true).await?);
             body.push(b']');
             Response::new(Body::from(body))
         }
         Some(mut rest) => {
-            let head = entries_json(&found.entries, true);
+            let head = entries_json_off_workers(found.entries, true).await?;
             let stream = async_stream(move |tx| async move {
                 if tx.send(Ok(b"[".to_vec().into())).await.is_err()
                     || tx.send(Ok(head)).await.is_err()
@@ -116,7 +116,13 @@ async fn search(
                 }
                 while let Some(chunk) = rest.next_chunk().await {
                     let sent = match chunk {
-                        Ok(entries) => tx.send(Ok(entries_json(&entries, false))).await,
+                        Ok(entries) => match entries_json_off_workers(entries, false).await {
+                            Ok(json) => tx.send(Ok(json)).await,
+                            Err(e) => {
+                                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                                return;
+                            }
+                        },
                         Err(e) => {
                             // Headers are gone: the only honest thing left
                             // is to break the transfer.

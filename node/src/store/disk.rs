@@ -183,11 +183,27 @@ pub struct DiskStore {
 
 fn io_error(context: &str, dir: &Path, e: &fjall::Error) -> StoreError {
     let text = format!("{context} {}: {e}", dir.display());
-    if is_disk_full(e) {
+    if is_disk_full(e) || nearly_full(dir) {
         StoreError::Full(text)
     } else {
         StoreError::Unavailable(text)
     }
+}
+
+/// Whether the filesystem of `dir` has less than 2% or 8 MiB free. The
+/// engine's background flush can be the one that hits `ENOSPC`, and the
+/// write that fails next only hears that the engine gave up; the free
+/// space tells what happened.
+fn nearly_full(dir: &Path) -> bool {
+    let Some(existing) = dir.ancestors().find(|d| d.exists()) else {
+        return false;
+    };
+    let Ok(fs) = rustix::fs::statvfs(existing) else {
+        return false;
+    };
+    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+    free < (total / 50).max(8 << 20)
 }
 
 fn is_disk_full(e: &fjall::Error) -> bool {
@@ -533,21 +549,33 @@ impl Writer {
             }
             let attempt = open_engine(&shared.dir).and_then(|engine| {
                 let counts = load_counts(&engine, &shared.dir)?;
-                self.probe(&engine)?;
                 Ok((engine, counts))
             });
             match attempt {
                 Ok((engine, counts)) => {
+                    let probed = self.probe(&engine);
                     self.counts = counts;
                     shared.keys.store(counts.keys, Ordering::Relaxed);
                     shared.bytes.store(counts.bytes, Ordering::Relaxed);
+                    // Reads work from the reopened engine even while writes
+                    // still fail; the fault keeps writes away from it.
                     *shared
                         .engine
                         .write()
                         .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(engine));
-                    shared.set_fault(None);
-                    tracing::info!(dir = %shared.dir.display(), "storage recovered: writes work again");
-                    return;
+                    match probed {
+                        Ok(()) => {
+                            shared.set_fault(None);
+                            tracing::info!(dir = %shared.dir.display(), "storage recovered: writes work again");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in = ?wait, "storage still failing writes; reads are served");
+                            shared.set_fault(Some(e));
+                            std::thread::sleep(wait);
+                            wait = (wait * 2).min(Duration::from_secs(5));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?wait, "storage still failing");

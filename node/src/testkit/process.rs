@@ -230,6 +230,11 @@ impl NodeProc {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         self.child

@@ -29,7 +29,7 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// One shard: who it is, where it listens, which keys it owns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShardConfig {
     pub id: u32,

@@ -50,7 +50,9 @@ pub struct SearchParams {
     pub cursor: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Which shards a search asks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum Scope {
     #[default]
     Cluster,
@@ -78,9 +80,17 @@ impl SearchParams {
                     }
                 }
                 "limit" => {
-                    let limit = value.parse::<usize>().map_err(|_| {
-                        ApiError::InvalidQuery(format!("limit {value:?} is not a whole number"))
-                    })?;
+                    // As the API document says: a signed 64-bit count.
+                    let limit = value
+                        .parse::<i64>()
+                        .ok()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| {
+                            ApiError::InvalidQuery(format!(
+                                "limit {value:?} is not a whole number from 0 to {}",
+                                i64::MAX
+                            ))
+                        })?;
                     params.limit = Some(limit);
                 }
                 "partial" => {
@@ -94,6 +104,8 @@ impl SearchParams {
                         }
                     }
                 }
+                // Empty: no cursor, the first page.
+                "cursor" if value.is_empty() => params.cursor = None,
                 "cursor" => {
                     decode_cursor(&value).ok_or_else(|| {
                         ApiError::InvalidQuery(format!(
@@ -517,11 +529,25 @@ async fn scan(store: Arc<dyn Store>, q: &PageQuery<'_>, span: Span) -> Result<Pa
 /// [`entries_json`], on the blocking pool when the chunk is large: escaping
 /// megabytes of values is long enough to keep a worker from the requests
 /// (and the I/O events) queued behind it.
+///
+/// At most one such encoding per core but one runs at a time, whatever the
+/// number of searches: the rest wait their turn, so a burst of huge
+/// searches shares the node with every other request instead of taking
+/// all its cores.
 pub async fn entries_json_off_workers(entries: Vec<Entry>, first: bool) -> Result<Bytes, ApiError> {
     const INLINE_BYTES: usize = 64 << 10;
     if entries.iter().map(Entry::size).sum::<usize>() <= INLINE_BYTES {
         return Ok(entries_json(&entries, first));
     }
+    static ENCODERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let encoders = ENCODERS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+    });
+    let _turn = encoders
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(format!("encoding a search page failed: {e}")))?;
     tokio::task::spawn_blocking(move || entries_json(&entries, first))
         .await
         .map_err(|e| ApiError::Internal(format!("encoding a search page failed: {e}")))

@@ -37,7 +37,7 @@ pub const URL_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// The body of every error response.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// A sentence for people.
     pub error: String,
@@ -52,14 +52,14 @@ pub struct ErrorBody {
 }
 
 /// A shard as an owner of a key: its id and address.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Owner {
     pub id: u32,
     pub addr: String,
 }
 
 /// What `/cluster` reports: this node and the live map as it sees it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterView {
     /// The shard this node serves.
     pub shard_id: u32,

@@ -93,10 +93,12 @@ pub struct PutBody {
     pub raw: Bytes,
 }
 
-#[derive(Deserialize)]
+/// The JSON body of a PUT.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PutShape {
-    value: String,
+pub struct PutValue {
+    /// The value to store (UTF-8).
+    pub value: String,
 }
 
 impl FromRequest<Arc<Node>> for PutBody {
@@ -108,7 +110,7 @@ impl FromRequest<Arc<Node>> for PutBody {
         }
         let limit = state.settings().max_body_bytes();
         let raw = read_body(req, state, limit).await?;
-        let shape: PutShape = parse_json(&raw)?;
+        let shape: PutValue = parse_json(&raw)?;
         Ok(PutBody {
             value: shape.value,
             raw,

@@ -7,6 +7,7 @@
 
 mod extract;
 mod internal;
+pub mod openapi;
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -27,9 +28,9 @@ use crate::error::ApiError;
 use crate::node::Node;
 use crate::peers::{Caller, KvOp};
 use crate::search::{SearchParams, entries_json_off_workers};
-use crate::wire::{ClusterView, NEXT_CURSOR_HEADER, PARTIAL_HEADER, REQUEST_ID_HEADER};
-pub use extract::PutBody;
+use crate::wire::{ClusterView, ErrorBody, NEXT_CURSOR_HEADER, PARTIAL_HEADER, REQUEST_ID_HEADER};
 use extract::{Key, RawQuery};
+pub use extract::{PutBody, PutValue};
 
 type AppState = Arc<Node>;
 
@@ -45,6 +46,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(readyz))
         .route("/cluster", get(cluster))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .layer(DefaultBodyLimit::max(body_limit))
         .nest("/internal/v1", internal::routes())
         .fallback(route_not_found)
@@ -53,6 +55,26 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// The value of a key.
+#[utoipa::path(
+    get,
+    path = "/kv/{key}",
+    operation_id = "get_key",
+    tag = "keys",
+    params(("key" = KeyName, Path, description = "The key")),
+    responses(
+        (status = 200, description = "The value, as a JSON string", body = String, content_type = "application/json"),
+        (status = 404, description = "`key_not_found`", body = ErrorBody),
+        (status = 400, description = "`invalid_key` (empty, or not UTF-8 after decoding), `key_out_of_range` (no shard owns it)", body = ErrorBody),
+        (status = 413, description = "`key_too_large`, `value_too_large` or `body_too_large`", body = ErrorBody),
+        (status = 421, description = "`misdirected`: a forwarded request reached a node whose map gives the key elsewhere; `epoch` and `owner` say by which map", body = ErrorBody, headers(("x-cavi-epoch" = u64, description = "The answering node's map epoch"))),
+        (status = 500, description = "`internal_error` or `storage_error`", body = ErrorBody),
+        (status = 502, description = "`peer_bad_response`, or an error answer of the owner (`peer_refused`)", body = ErrorBody),
+        (status = 503, description = "`peer_unavailable` (the owner is restarting), `peer_unreachable`, `range_moving` (a range move holds the key), `overloaded` (the write queue is full), `storage_unavailable`, `not_ready`", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "`peer_timeout` or `request_timeout`", body = ErrorBody),
+        (status = 507, description = "`storage_unavailable`: the owner's disk is full", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
 async fn get_key(
     State(node): State<AppState>,
     Key(key): Key,
@@ -61,6 +83,29 @@ async fn get_key(
     node.execute(&key, KvOp::Get, &caller).await
 }
 
+/// Stores a value under a key; acknowledged once durable on its owner
+/// (with a data directory) or stored in its memory.
+#[utoipa::path(
+    put,
+    path = "/kv/{key}",
+    operation_id = "put_key",
+    tag = "keys",
+    params(("key" = KeyName, Path, description = "The key")),
+    request_body(content = PutValue, content_type = "application/json"),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_body`: JSON, but not `{\"value\": string}`", body = ErrorBody),
+        (status = 400, description = "`invalid_key` (empty, or not UTF-8 after decoding), `key_out_of_range` (no shard owns it)", body = ErrorBody),
+        (status = 413, description = "`key_too_large`, `value_too_large` or `body_too_large`", body = ErrorBody),
+        (status = 421, description = "`misdirected`: a forwarded request reached a node whose map gives the key elsewhere; `epoch` and `owner` say by which map", body = ErrorBody, headers(("x-cavi-epoch" = u64, description = "The answering node's map epoch"))),
+        (status = 500, description = "`internal_error` or `storage_error`", body = ErrorBody),
+        (status = 502, description = "`peer_bad_response`, or an error answer of the owner (`peer_refused`)", body = ErrorBody),
+        (status = 503, description = "`peer_unavailable` (the owner is restarting), `peer_unreachable`, `range_moving` (a range move holds the key), `overloaded` (the write queue is full), `storage_unavailable`, `not_ready`", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "`peer_timeout` or `request_timeout`", body = ErrorBody),
+        (status = 507, description = "`storage_unavailable`: the owner's disk is full", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
 async fn put_key(
     State(node): State<AppState>,
     Key(key): Key,
@@ -74,6 +119,25 @@ async fn put_key(
     node.execute(&key, op, &caller).await
 }
 
+/// Deletes a key; deleting a missing key succeeds.
+#[utoipa::path(
+    delete,
+    path = "/kv/{key}",
+    operation_id = "delete_key",
+    tag = "keys",
+    params(("key" = KeyName, Path, description = "The key")),
+    responses(
+        (status = 204, description = "Deleted (or was not there)"),
+        (status = 400, description = "`invalid_key` (empty, or not UTF-8 after decoding), `key_out_of_range` (no shard owns it)", body = ErrorBody),
+        (status = 413, description = "`key_too_large`, `value_too_large` or `body_too_large`", body = ErrorBody),
+        (status = 421, description = "`misdirected`: a forwarded request reached a node whose map gives the key elsewhere; `epoch` and `owner` say by which map", body = ErrorBody, headers(("x-cavi-epoch" = u64, description = "The answering node's map epoch"))),
+        (status = 500, description = "`internal_error` or `storage_error`", body = ErrorBody),
+        (status = 502, description = "`peer_bad_response`, or an error answer of the owner (`peer_refused`)", body = ErrorBody),
+        (status = 503, description = "`peer_unavailable` (the owner is restarting), `peer_unreachable`, `range_moving` (a range move holds the key), `overloaded` (the write queue is full), `storage_unavailable`, `not_ready`", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "`peer_timeout` or `request_timeout`", body = ErrorBody),
+        (status = 507, description = "`storage_unavailable`: the owner's disk is full", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
 async fn delete_key(
     State(node): State<AppState>,
     Key(key): Key,
@@ -88,6 +152,31 @@ async fn empty_key() -> ApiError {
 
 /// `GET /search`: see [`crate::search`]. The `x-cavi-forwarded` header
 /// means nothing here: peers ask `/internal/v1/search`.
+#[utoipa::path(
+    get,
+    path = "/search",
+    operation_id = "search",
+    tag = "search",
+    description = "Every key starting with `prefix`, with its value, in key order, from every shard that can hold the prefix. Without `limit` the whole answer, streamed when large (a failure after the first bytes breaks the transfer: an answer that ends is complete). With `limit`, at most that many entries (and about 1 MiB); an answer that stopped early names where to continue in `x-cavi-next-cursor`.",
+    params(
+        ("prefix" = Option<String>, Query, description = "Keys starting with this; empty or omitted: every key"),
+        ("limit" = Option<i64>, Query, minimum = 0, description = "At most this many entries"),
+        ("cursor" = Option<String>, Query, pattern = "^(k1([0-9a-f]{2})*)?$", description = "Continue after the answer that named this cursor. Opaque: only cursors this cluster wrote are accepted (`invalid_query` otherwise); empty means the first page"),
+        ("partial" = Option<bool>, Query, description = "Leave out shards that fail (named in `x-cavi-partial`) instead of failing"),
+        ("scope" = Option<crate::search::Scope>, Query, description = "`cluster` (default): every shard; `local`: this node's own keys only")
+    ),
+    responses(
+        (status = 200, description = "The entries, sorted by key", body = Vec<crate::store::Entry>, headers(
+            ("x-cavi-next-cursor" = String, description = "Present when the answer stopped at `limit` or its size budget: pass it as `cursor`"),
+            ("x-cavi-partial" = String, description = "With `partial=true`: the ids of the shards left out, comma-separated")
+        )),
+        (status = 400, description = "`invalid_query`: an unknown parameter, a value that does not parse, a cursor this cluster did not write", body = ErrorBody),
+        (status = 500, description = "`internal_error`", body = ErrorBody),
+        (status = 502, description = "`search_incomplete` or a shard's bad answer", body = ErrorBody),
+        (status = 503, description = "A shard is unavailable (`search_incomplete`), or this node's storage (`storage_unavailable`)", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "A shard did not answer in time, or `request_timeout`", body = ErrorBody)
+    )
+)]
 async fn search(
     State(node): State<AppState>,
     caller: Caller,
@@ -175,15 +264,57 @@ where
     })
 }
 
-#[derive(Serialize)]
-struct Status {
+/// The schema of a key in a URL, for the API document.
+pub struct KeyName;
+
+impl utoipa::PartialSchema for KeyName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(1024))
+            .description(Some(
+                "A key: UTF-8, percent-encoded (decoded exactly once; `+` stays `+`), not \
+                 empty, at most the node's key limit in bytes (1024 by default).",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for KeyName {}
+
+/// The answer of `/healthz` and `/readyz`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Status {
+    /// `ok` (alive) or `ready`.
     status: &'static str,
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "operations",
+    responses((status = 200, description = "Alive", body = Status))
+)]
 async fn healthz() -> Json<Status> {
     Json(Status { status: "ok" })
 }
 
+/// Readiness: storage open, the map known, not shutting down, writes
+/// working.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve", body = Status),
+        (status = 503, description = "`not_ready`, with the reason", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before asking again")))
+    )
+)]
 async fn readyz(State(node): State<AppState>) -> Result<Json<Status>, ApiError> {
     match node.unready_reason() {
         None => Ok(Json(Status { status: "ready" })),
@@ -191,6 +322,18 @@ async fn readyz(State(node): State<AppState>) -> Result<Json<Status>, ApiError> 
     }
 }
 
+/// This node, the live shard map as it sees it, and the moves it takes
+/// part in.
+#[utoipa::path(
+    get,
+    path = "/cluster",
+    operation_id = "cluster",
+    tag = "operations",
+    responses(
+        (status = 200, description = "This node and its map", body = ClusterView),
+        (status = 503, description = "`storage_unavailable` or `not_ready`: storage is not open yet", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait before retrying")))
+    )
+)]
 async fn cluster(State(node): State<AppState>) -> Result<Json<ClusterView>, ApiError> {
     let store = node.serving_store()?;
     let map = node.map_snapshot();
@@ -205,6 +348,14 @@ async fn cluster(State(node): State<AppState>) -> Result<Json<ClusterView>, ApiE
     }))
 }
 
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "The metrics", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"))
+)]
 async fn metrics(State(node): State<AppState>) -> Response {
     let (keys, bytes, faulted) = node
         .store()
@@ -314,6 +465,7 @@ fn route_label(path: &str) -> &'static str {
         "/readyz" => "/readyz",
         "/cluster" => "/cluster",
         "/metrics" => "/metrics",
+        "/openapi.json" => "/openapi.json",
         "/internal/v1/search" => "/internal/v1/search",
         p if p.starts_with("/internal/v1/") => "/internal/v1",
         _ => "other",

@@ -117,7 +117,7 @@ impl MoveSpec {
 }
 
 /// The phases a move goes through, as both nodes report them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Target: accepted, receiving the copy and the tapped writes.
@@ -163,7 +163,7 @@ impl Phase {
 }
 
 /// Which end of a move this node is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Source,
@@ -172,7 +172,7 @@ pub enum Role {
 
 /// A move as one node sees it: `/cluster` and `/internal/v1/moves` list
 /// these, and the driver follows them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MoveStatus {
     pub id: String,
     pub role: Role,

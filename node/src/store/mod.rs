@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::keyspace::Span;
 
 /// One key and its value, as `/search` returns them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Entry {
     pub key: String,
     pub value: String,

@@ -5,6 +5,7 @@
 //! format. Panics are its error handling: it runs inside tests.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod fuzz;
 pub mod process;
 pub mod workload;
 

@@ -1,0 +1,4 @@
+//! Fuzz target: the property [`cavi_node::testkit::fuzz::key_decode`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| cavi_node::testkit::fuzz::key_decode(data));

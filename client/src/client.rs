@@ -158,7 +158,7 @@ impl Client {
         };
         let url = format!("{}/search?{}", self.base, params.to_query());
         let (headers, body) = self.send(self.http.get(url)).await?;
-        let header = |name: &str| {
+        let header = |name: reqwest::header::HeaderName| {
             headers
                 .get(name)
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())

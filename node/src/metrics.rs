@@ -3,6 +3,7 @@
 //! Labels are `&'static str` and integers so recording a request allocates
 //! nothing; the route label is the matched route template, never the key.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -51,10 +52,54 @@ struct PhaseLabels {
     phase: &'static str,
 }
 
+/// The methods and routes the request metrics are labelled with (what the
+/// API layer passes), and the statuses whose series handles are kept.
+const METHODS: [&str; 6] = ["GET", "PUT", "DELETE", "POST", "HEAD", "other"];
+const ROUTES: [&str; 13] = [
+    "/kv",
+    "/kv/",
+    "/kv/{*key}",
+    "/search",
+    "/healthz",
+    "/readyz",
+    "/cluster",
+    "/metrics",
+    "/openapi.json",
+    "/internal/v1/search",
+    "/internal/v1",
+    "other",
+    "",
+];
+const STATUSES: [u16; 18] = [
+    200, 204, 400, 404, 405, 409, 413, 415, 421, 422, 500, 502, 503, 504, 507, 408, 429, 0,
+];
+
+/// Handles of the request series, resolved on first use: recording a
+/// request is then two array lookups and two atomic updates, instead of
+/// hashing a label set into each family.
+struct RequestHandles {
+    counts: Vec<OnceLock<Counter>>,
+    latency: Vec<OnceLock<Histogram>>,
+}
+
+impl RequestHandles {
+    fn new() -> Self {
+        Self {
+            counts: (0..METHODS.len() * ROUTES.len() * STATUSES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            latency: (0..METHODS.len() * ROUTES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: LatencyFamily,
+    handles: RequestHandles,
     forwarded: Family<PeerLabels, Counter>,
     fan_out: Histogram,
     keys: Gauge,
@@ -159,6 +204,7 @@ impl Metrics {
             registry,
             requests,
             latency,
+            handles: RequestHandles::new(),
             forwarded,
             fan_out,
             keys,
@@ -199,15 +245,44 @@ impl Metrics {
         status: u16,
         took: Duration,
     ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                method,
-                route,
-                status,
+        let m = METHODS.iter().position(|x| *x == method);
+        let r = ROUTES.iter().position(|x| *x == route);
+        let s = STATUSES.iter().position(|x| *x == status);
+        let (Some(m), Some(r)) = (m, r) else {
+            // A label outside the tables: the family, hashed.
+            self.requests
+                .get_or_create(&RequestLabels {
+                    method,
+                    route,
+                    status,
+                })
+                .inc();
+            self.latency
+                .get_or_create(&RouteLabels { method, route })
+                .observe(took.as_secs_f64());
+            return;
+        };
+        let labels = RequestLabels {
+            method,
+            route,
+            status,
+        };
+        match s {
+            Some(s) => {
+                self.handles.counts[(m * ROUTES.len() + r) * STATUSES.len() + s]
+                    .get_or_init(|| self.requests.get_or_create(&labels).clone())
+                    .inc();
+            }
+            None => {
+                self.requests.get_or_create(&labels).inc();
+            }
+        }
+        self.handles.latency[m * ROUTES.len() + r]
+            .get_or_init(|| {
+                self.latency
+                    .get_or_create(&RouteLabels { method, route })
+                    .clone()
             })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels { method, route })
             .observe(took.as_secs_f64());
     }
 

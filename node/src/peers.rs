@@ -6,8 +6,12 @@
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use axum::response::Response;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use percent_encoding::utf8_percent_encode;
 use serde::de::DeserializeOwned;
 
@@ -113,6 +117,10 @@ pub struct PageQuery<'a> {
 
 #[derive(Debug, Clone)]
 pub struct PeerClient {
+    /// Forwarded key operations, the hot path: hyper's pooled client with
+    /// no URL parsing, redirect or retry layers on the way.
+    hop: HyperClient<HttpConnector, Full<Bytes>>,
+    /// Everything else (maps, search pages, moves).
     http: reqwest::Client,
     sender: HeaderValue,
     connect_timeout: Duration,
@@ -128,7 +136,15 @@ impl PeerClient {
             .tcp_nodelay(true)
             .no_proxy()
             .build()?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.peer_connect_timeout));
+        connector.set_nodelay(true);
+        let hop = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
         Ok(Self {
+            hop,
             http,
             sender: HeaderValue::from(sender_shard),
             connect_timeout: settings.peer_connect_timeout,
@@ -151,35 +167,57 @@ impl PeerClient {
         epoch: u64,
         request_id: Option<&HeaderValue>,
     ) -> Result<Response, PeerError> {
-        let url = format!(
-            "http://{addr}/kv?key={}",
-            utf8_percent_encode(key, URL_ESCAPE)
-        );
-        let request = match op {
-            KvOp::Get => self.http.get(url),
-            KvOp::Delete => self.http.delete(url),
-            KvOp::Put { body, .. } => self
-                .http
-                .put(url)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(body.clone()),
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(addr)
+            .path_and_query(format!("/kv?key={}", utf8_percent_encode(key, URL_ESCAPE)))
+            .build()
+            .map_err(|e| PeerError::BadResponse(format!("cannot address {addr}: {e}")))?;
+        let (method, body) = match op {
+            KvOp::Get => (Method::GET, Bytes::new()),
+            KvOp::Delete => (Method::DELETE, Bytes::new()),
+            KvOp::Put { body, .. } => (Method::PUT, body.clone()),
         };
-        let answer = self
-            .hop(request, epoch, request_id)
-            .send()
-            .await
-            .map_err(|e| self.classify(e))?;
-        let status = answer.status();
-        let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
-        let epoch = answer.headers().get(EPOCH_HEADER).cloned();
-        let body = answer.bytes().await.map_err(|e| self.classify(e))?;
-        let mut response = Response::new(Body::from(body));
-        *response.status_mut() = status;
-        if let Some(ct) = content_type {
-            response.headers_mut().insert(header::CONTENT_TYPE, ct);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(FORWARDED_HEADER, self.sender.clone())
+            .header(EPOCH_HEADER, HeaderValue::from(epoch));
+        if !body.is_empty() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
         }
-        if let Some(epoch) = epoch {
-            response.headers_mut().insert(EPOCH_HEADER, epoch);
+        if let Some(id) = request_id {
+            request = request.header(REQUEST_ID_HEADER, id.clone());
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| PeerError::BadResponse(e.to_string()))?;
+        let exchange = async {
+            let answer = self
+                .hop
+                .request(request)
+                .await
+                .map_err(|e| classify_hop(&e, self.connect_timeout))?;
+            let (parts, body) = answer.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| classify_hop(&e, self.connect_timeout))?
+                .to_bytes();
+            Ok::<_, PeerError>((parts, body))
+        };
+        let (parts, body) = tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .map_err(|_| PeerError::Timeout(self.request_timeout))??;
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = parts.status;
+        if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, ct.clone());
+        }
+        if let Some(epoch) = parts.headers.get(EPOCH_HEADER) {
+            response.headers_mut().insert(EPOCH_HEADER, epoch.clone());
         }
         Ok(response)
     }
@@ -343,7 +381,7 @@ impl PeerClient {
 /// Whether the peer closed the connection under the request (it was
 /// shutting down, or crashed): the sign of a restart, like a refused
 /// connection, not of a peer that answers nonsense.
-fn closed_by_peer(e: &reqwest::Error) -> bool {
+fn closed_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause: Option<&dyn std::error::Error> = Some(e);
     while let Some(c) = cause {
         if let Some(h) = c.downcast_ref::<hyper::Error>()
@@ -385,9 +423,40 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, PeerError> {
     serde_json::from_slice(body).map_err(|e| PeerError::BadResponse(e.to_string()))
 }
 
+/// A failed exchange of the forwarding client, as [`PeerClient::classify`]
+/// sorts reqwest's.
+fn classify_hop(e: &(dyn std::error::Error + 'static), connect_timeout: Duration) -> PeerError {
+    let connect = e
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(hyper_util::client::legacy::Error::is_connect);
+    if connect && cause_kind(e) == Some(std::io::ErrorKind::TimedOut) {
+        PeerError::ConnectTimeout(connect_timeout)
+    } else if connect || closed_by_peer(e) {
+        PeerError::Unavailable(error_cause(e))
+    } else {
+        PeerError::BadResponse(error_cause(e))
+    }
+}
+
+/// The kind of the first I/O error in `e`'s chain.
+fn cause_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// The innermost cause of a transport error, in words: for a refused
 /// connection `connection refused`, not reqwest's chain of wrappers.
 pub fn transport_cause(e: &reqwest::Error) -> String {
+    error_cause(e)
+}
+
+fn error_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause: &dyn std::error::Error = e;
     while let Some(next) = cause.source() {
         if let Some(io) = next.downcast_ref::<std::io::Error>() {

@@ -22,13 +22,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
-use tower::Service;
 
 use crate::api;
 use crate::node::Node;
@@ -135,7 +133,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     options: ServeOptions,
 ) -> std::io::Result<()> {
-    let app = api::router(node.clone());
+    let app = api::App::new(node.clone());
     let cap = connection_cap(options.max_connections);
     let slots = Arc::new(Semaphore::new(cap));
     let connections = Arc::new(Connections::default());
@@ -188,16 +186,16 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (id, conn) = connections.add();
         let service = {
-            let app: Router = app.clone();
+            let app = app.clone();
             let active = conn.active.clone();
             hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let mut app = app.clone();
+                let app = app.clone();
                 active.fetch_add(1, Ordering::Relaxed);
                 let active = active.clone();
                 async move {
-                    let response = app.call(req).await;
+                    let response = app.handle(req).await;
                     active.fetch_sub(1, Ordering::Relaxed);
-                    response
+                    Ok::<_, std::convert::Infallible>(response)
                 }
             })
         };

@@ -1,7 +1,9 @@
 //! What travels between nodes and clients besides keys and values: header
-//! names, the error body, the `/cluster` view, and the one way keys and
+//! names (as `HeaderName`s, so a lookup never parses the name), the error
+//! body, the `/cluster` view, and the one way keys and
 //! query parameters are decoded.
 
+use axum::http::HeaderName;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str};
 use serde::{Deserialize, Serialize};
 
@@ -10,22 +12,22 @@ use crate::config::ShardConfig;
 /// Marks a request as proxied by another shard; the value is the sender's
 /// shard id. A receiver that does not own the key answers 421 instead of
 /// forwarding, so nodes whose maps disagree cannot bounce a request.
-pub const FORWARDED_HEADER: &str = "x-cavi-forwarded";
+pub const FORWARDED_HEADER: HeaderName = HeaderName::from_static("x-cavi-forwarded");
 
 /// Names one request across every node it touches; taken from the client
 /// or made up by the first node, and passed along on every hop.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The epoch of the sender's shard map, on forwarded requests and on every
 /// 421, so whoever is behind can tell and refresh.
-pub const EPOCH_HEADER: &str = "x-cavi-epoch";
+pub const EPOCH_HEADER: HeaderName = HeaderName::from_static("x-cavi-epoch");
 
 /// Header on a partial search answer, naming the shards that are missing.
-pub const PARTIAL_HEADER: &str = "x-cavi-partial";
+pub const PARTIAL_HEADER: HeaderName = HeaderName::from_static("x-cavi-partial");
 
 /// Header on a search answer that stopped early: pass its value back as
 /// `cursor` to continue where it stopped.
-pub const NEXT_CURSOR_HEADER: &str = "x-cavi-next-cursor";
+pub const NEXT_CURSOR_HEADER: HeaderName = HeaderName::from_static("x-cavi-next-cursor");
 
 /// Everything but unreserved characters is escaped, `/` and `+` included:
 /// a key is then one path segment, and no decoder can mistake a `+` for a

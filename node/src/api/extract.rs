@@ -7,9 +7,11 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header;
 use axum::http::request::Parts;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use super::internal::INTERNAL_BODY_LIMIT;
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::peers::Caller;
@@ -109,7 +111,7 @@ impl FromRequest<Arc<Node>> for PutBody {
             return Err(ApiError::UnsupportedMediaType);
         }
         let limit = state.settings().max_body_bytes();
-        let raw = read_body(req, state, limit).await?;
+        let raw = read_body(req, limit).await?;
         let shape: PutValue = parse_json(&raw)?;
         Ok(PutBody {
             value: shape.value,
@@ -124,22 +126,23 @@ pub struct JsonBody<T>(pub T);
 impl<T: DeserializeOwned> FromRequest<Arc<Node>> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &Arc<Node>) -> Result<Self, ApiError> {
-        let raw = read_body(req, state, usize::MAX).await?;
+    async fn from_request(req: Request, _: &Arc<Node>) -> Result<Self, ApiError> {
+        let raw = read_body(req, INTERNAL_BODY_LIMIT).await?;
         Ok(JsonBody(parse_json(&raw)?))
     }
 }
 
-async fn read_body(req: Request, state: &Arc<Node>, limit: usize) -> Result<Bytes, ApiError> {
-    Bytes::from_request(req, state).await.map_err(|e| {
-        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BodyTooLarge {
-                limit: limit.min(state.settings().max_body_bytes()),
-            }
-        } else {
-            ApiError::InvalidJson(e.body_text())
-        }
-    })
+/// The whole body, refused as soon as it passes `limit` bytes. The limit is
+/// applied here rather than by a router layer so that the key fast path,
+/// which bypasses the router, enforces the same bound.
+async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
+        Err(e) => Err(ApiError::InvalidJson(format!(
+            "failed to read the request body: {e}"
+        ))),
+    }
 }
 
 /// A JSON object of the expected shape: syntax errors are `invalid_json`,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +27,7 @@ type AppState = Arc<Node>;
 
 /// Largest internal request body: a page of a move (a megabyte of keys
 /// and values, plus one value past it), JSON-escaped at worst.
-const INTERNAL_BODY_LIMIT: usize = 64 << 20;
+pub(super) const INTERNAL_BODY_LIMIT: usize = 64 << 20;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -46,7 +46,6 @@ pub fn routes() -> Router<AppState> {
         .route("/incoming/{id}/commit", post(incoming_commit))
         .route("/incoming/{id}/outcome", get(incoming_outcome))
         .route("/incoming/{id}/abort", post(incoming_abort))
-        .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT))
 }
 
 async fn get_map(State(node): State<AppState>) -> Json<ShardMap> {

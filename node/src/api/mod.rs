@@ -15,13 +15,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::State;
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::Request;
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper::body::Incoming;
 use serde::Serialize;
+use tower::Service;
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -34,9 +37,126 @@ pub use extract::{PutBody, PutValue};
 
 type AppState = Arc<Node>;
 
-/// The node's complete HTTP application.
-pub fn router(node: Arc<Node>) -> Router {
-    let body_limit = node.settings().max_body_bytes();
+/// The node's complete HTTP application: the routes behind the edge
+/// (request id, span, deadline, metrics). Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    node: Arc<Node>,
+    routes: Router,
+}
+
+impl App {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self {
+            routes: router(node.clone()),
+            node,
+        }
+    }
+
+    /// Answers one request: what every request goes through first, called
+    /// straight from the connection (a middleware layer would box a future
+    /// and clone the router's service on every request):
+    /// - keeps the caller's `x-request-id` (or makes one) so the logs of
+    ///   every node a request touches share it, and the answer carries it
+    ///   back;
+    /// - runs the request inside a span naming that id;
+    /// - bounds it by the request timeout, so a stuck store or peer can
+    ///   never hold a client forever;
+    /// - counts and times it by method, route and status.
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Response {
+        let node = &self.node;
+        let started = Instant::now();
+        let method = method_label(req.method());
+        let route = route_label(req.uri().path());
+        let id = req
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
+        let span = tracing::info_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            request_id = %String::from_utf8_lossy(id.as_bytes()),
+        );
+        let limit = node.settings().request_timeout;
+        let answered = async {
+            if is_key_request(&req) {
+                return self.key_request(req).await;
+            }
+            match self.routes.clone().call(req).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        };
+        let mut response =
+            match tokio::time::timeout(limit, answered.instrument(span.clone())).await {
+                Ok(response) => response,
+                Err(_) => span.in_scope(|| ApiError::RequestTimeout(limit).into_response()),
+            };
+        let status = response.status().as_u16();
+        node.metrics()
+            .record_request(method, route, status, started.elapsed());
+        tracing::debug!(parent: &span, status, "answered");
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE
+            && !response.headers().contains_key(header::RETRY_AFTER)
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+        }
+        response
+    }
+}
+
+impl App {
+    /// `GET`, `PUT` or `DELETE` of one key, answered without the router:
+    /// they are nearly every request, and routing them (matching, path
+    /// parameters, extensions, boxed services) cost more than the rest of
+    /// a GET. The same extractors and the same dispatch as the routes
+    /// `/kv/{key}` and `/kv`, which still serve anything else (`HEAD`, a
+    /// refused method).
+    async fn key_request(&self, req: Request<Incoming>) -> Response {
+        let (mut parts, body) = req.into_parts();
+        let node = &self.node;
+        let key = match Key::from_request_parts(&mut parts, node).await {
+            Ok(Key(key)) => key,
+            Err(e) => return e.into_response(),
+        };
+        let Ok(caller) = Caller::from_request_parts(&mut parts, node).await;
+        let op = match parts.method {
+            Method::GET => KvOp::Get,
+            Method::DELETE => KvOp::Delete,
+            _ => {
+                let req = Request::from_parts(parts, Body::new(body));
+                match PutBody::from_request(req, node).await {
+                    Ok(body) => KvOp::Put {
+                        value: body.value,
+                        body: body.raw,
+                    },
+                    Err(e) => return e.into_response(),
+                }
+            }
+        };
+        node.execute(&key, op, &caller)
+            .await
+            .unwrap_or_else(IntoResponse::into_response)
+    }
+}
+
+/// Whether [`App::key_request`] answers `req`: a key method on `/kv/<key>`
+/// or `/kv`.
+fn is_key_request<B>(req: &Request<B>) -> bool {
+    let path = req.uri().path();
+    matches!(*req.method(), Method::GET | Method::PUT | Method::DELETE)
+        && (path == "/kv" || path.strip_prefix("/kv/").is_some_and(|k| !k.is_empty()))
+}
+
+/// The routes, without the edge [`App::handle`] puts in front of them.
+fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/kv", get(get_key).put(put_key).delete(delete_key))
         .route("/kv/", get(empty_key).put(empty_key).delete(empty_key))
@@ -47,11 +167,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi::openapi_json))
-        .layer(DefaultBodyLimit::max(body_limit))
         .nest("/internal/v1", internal::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(node.clone(), edge))
         .with_state(node)
 }
 
@@ -382,58 +500,23 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// What every request goes through first, in one layer because each layer
-/// costs a boxed future on the hot path:
-/// - keeps the caller's `x-request-id` (or makes one) so the logs of every
-///   node a request touches share it, and the answer carries it back;
-/// - runs the request inside a span naming that id;
-/// - bounds it by the request timeout, so a stuck store or peer can never
-///   hold a client forever;
-/// - counts and times it by method, route and status.
-async fn edge(State(node): State<AppState>, mut req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = method_label(req.method());
-    let route = route_label(req.uri().path());
-    let id = req
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .cloned()
-        .unwrap_or_else(new_request_id);
-    req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
-    let span = tracing::info_span!(
-        "request",
-        method = %req.method(),
-        path = %req.uri().path(),
-        request_id = %String::from_utf8_lossy(id.as_bytes()),
-    );
-    let limit = node.settings().request_timeout;
-    let mut response =
-        match tokio::time::timeout(limit, next.run(req).instrument(span.clone())).await {
-            Ok(response) => response,
-            Err(_) => span.in_scope(|| ApiError::RequestTimeout(limit).into_response()),
-        };
-    let status = response.status().as_u16();
-    node.metrics()
-        .record_request(method, route, status, started.elapsed());
-    tracing::debug!(parent: &span, status, "answered");
-    response.headers_mut().insert(REQUEST_ID_HEADER, id);
-    if response.status() == StatusCode::SERVICE_UNAVAILABLE
-        && !response.headers().contains_key(header::RETRY_AFTER)
-    {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
-    }
-    response
-}
-
-/// 16 hex digits, unique per process and unpredictable across processes.
+/// 16 hex digits, unique per process and unpredictable across processes:
+/// a sequence number mixed (splitmix64) with a per-process random key.
 fn new_request_id() -> HeaderValue {
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(SEQUENCE.fetch_add(1, Ordering::Relaxed));
-    let mut n = hasher.finish();
+    static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let key = *KEY.get_or_init(|| {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(std::process::id().into());
+        hasher.finish()
+    });
+    let mut n = SEQUENCE
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_add(key)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    n = (n ^ (n >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    n = (n ^ (n >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    n ^= n >> 31;
     let mut hex = [b'0'; 16];
     for digit in hex.iter_mut().rev() {
         *digit = b"0123456789abcdef"[(n & 0xf) as usize];

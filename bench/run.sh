@@ -3,13 +3,19 @@
 # table with ratios. Servers run pinned to one core, the load generator to
 # another. Everything listens on loopback and stops by itself.
 #
-#   bench/run.sh                      # full run (about 4 minutes)
+#   bench/run.sh                      # full run (about 10 minutes)
 #   BENCH_DURATION=3 BENCH_MEMORY_KEYS=100000 bench/run.sh   # quick look
 #
 # Peers: a bare axum handler returning a constant (the HTTP ceiling of this
-# machine), etcd through its HTTP/JSON gateway, redis-server with
-# redis-benchmark. Tools come from Debian packages and are installed if
-# missing.
+# machine), the node as it was at BENCH_BASELINE (a git revision, built in
+# a worktree under target/bench-baseline; default: the head of the first
+# wave; `none` skips it), etcd through its HTTP/JSON gateway, redis-server
+# with redis-benchmark. Tools come from Debian packages and are installed
+# if missing.
+#
+# After the wall-clock table, bench/instructions.py counts instructions per
+# request under callgrind (BENCH_INSTRUCTIONS=0 skips it): the figure to
+# optimise against on a noisy machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +25,9 @@ MEM_KEYS=${BENCH_MEMORY_KEYS:-1000000}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 WARM_KEYS=10000
+LOAD_KEYS=${BENCH_LOAD_KEYS:-200000}
+BASELINE=${BENCH_BASELINE:-cc4bef3}
+INSTRUCTIONS=${BENCH_INSTRUCTIONS:-1}
 
 log() { printf '%s\n' "-- $*" >&2; }
 
@@ -28,15 +37,32 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-benchmark >/dev/null || need+=(redis-tools)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v taskset >/dev/null || need+=(util-linux)
+[ "$INSTRUCTIONS" = 0 ] || command -v valgrind >/dev/null || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 log "building release binaries"
-cargo build --release -q --bin kvstore-api --example ceiling
+cargo build --release -q --bin kvstore-api --bin cavi --example ceiling
 NODE=$PWD/target/release/kvstore-api
+CAVI=$PWD/target/release/cavi
 CEILING=$PWD/target/release/examples/ceiling
+
+OLD_NODE=""
+if [ "$BASELINE" != none ]; then
+  base_dir=$PWD/target/bench-baseline
+  rev=$(git rev-parse --short "$BASELINE")
+  if [ ! -x "$base_dir/$rev/target/release/kvstore-api" ]; then
+    log "building the baseline node at $rev"
+    git worktree remove --force "$base_dir/$rev/src" 2>/dev/null || true
+    git worktree prune
+    mkdir -p "$base_dir/$rev"
+    git worktree add -f --detach "$base_dir/$rev/src" "$rev" >/dev/null
+    (cd "$base_dir/$rev/src" && CARGO_TARGET_DIR=$base_dir/$rev/target cargo build --release -q --bin kvstore-api)
+  fi
+  OLD_NODE=$base_dir/$rev/target/release/kvstore-api
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -108,52 +134,117 @@ measured "HTTP ceiling (bare axum, constant)"
 stop "$last_pid"
 
 # --- CAVI in memory, two shards ------------------------------------------
+# two_shards BINARY LABEL [TARGETS]: local and forwarded GET, PUT and a
+# 2-shard search of one build; sets two_local two_fwd two_put.
+two_shards() {
+  local bin=$1 label=$2 targets=${3:-}
+  p0=$(free_port); p1=$(free_port)
+  cat >"$work/two.yaml" <<EOF
+shards:
+  - { id: 0, addr: "127.0.0.1:$p0", range_start: "a", range_end: "m" }
+  - { id: 1, addr: "127.0.0.1:$p1", range_start: "n", range_end: "z" }
+EOF
+  serve two "$bin" all "$work/two.yaml"
+  local pid=$last_pid
+  wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
+  load "http://127.0.0.1:$p0" put a "$WARM_KEYS" 1
+  load "http://127.0.0.1:$p1" put n "$WARM_KEYS" 1
+  log "$label: local GET"
+  load "http://127.0.0.1:$p0" get a "$WARM_KEYS"
+  two_local=$rps
+  measured "$label local GET" "$(ratio "$rps" "$ceiling_rps") of ceiling${targets:+ (target >= 0.90x)}"
+  log "$label: forwarded GET"
+  load "http://127.0.0.1:$p1" get a "$WARM_KEYS"
+  two_fwd=$rps
+  measured "$label forwarded GET" "$(ratio "$rps" "$two_local") of its local GET${targets:+ (target >= 0.45x)}"
+  log "$label: PUT"
+  load "http://127.0.0.1:$p0" put b "$WARM_KEYS"
+  two_put=$rps
+  measured "$label PUT (memory)" "$(ratio "$rps" "$ceiling_rps") of ceiling${targets:+ (target >= 0.85x)}"
+  log "$label: search over 2 shards"
+  load "http://127.0.0.1:$p0" search a 1
+  measured "$label search, 2 shards (limit=10)"
+  stop "$pid"
+}
+
+# eight_shards BINARY LABEL: a search with limit=10 over 8 shards of 100
+# keys each; sets eight_search.
+eight_shards() {
+  local bin=$1 label=$2
+  ports=()
+  for _ in 1 2 3 4 5 6 7 8; do ports+=("$(free_port)"); done
+  starts=("" d g j m p s v)
+  ends=(c f i l o r u "")
+  {
+    echo "shards:"
+    for i in 0 1 2 3 4 5 6 7; do
+      printf '  - { id: %d, addr: "127.0.0.1:%s", range_start: "%s"' "$i" "${ports[$i]}" "${starts[$i]}"
+      if [ -n "${ends[$i]}" ]; then printf ', range_end: "%s" }\n' "${ends[$i]}"; else printf ' }\n'; fi
+    done
+  } >"$work/eight.yaml"
+  serve eight "$bin" all "$work/eight.yaml"
+  local pid=$last_pid
+  for p in "${ports[@]}"; do wait_http "http://127.0.0.1:$p/readyz"; done
+  for i in 0 1 2 3 4 5 6 7; do load "http://127.0.0.1:${ports[0]}" put "${starts[$i]:-a}" 100 1; done
+  log "$label: search over 8 shards"
+  load "http://127.0.0.1:${ports[0]}" search a 1
+  eight_search=$rps
+  measured "$label search, 8 shards (limit=10)"
+  stop "$pid"
+}
+
+baseline_note() { rows+=("$(printf '%-34s %10s %9s %9s   %s' "  vs baseline" "" "" "" "$1")"); }
+
+if [ -n "$OLD_NODE" ]; then
+  two_shards "$OLD_NODE" "baseline"
+  old_local=$two_local old_fwd=$two_fwd old_put=$two_put
+  eight_shards "$OLD_NODE" "baseline"
+  old_search=$eight_search
+fi
+two_shards "$NODE" "CAVI" targets
+local_rps=$two_local put_rps=$two_put
+if [ -n "$OLD_NODE" ]; then
+  baseline_note "GET $(ratio "$two_local" "$old_local"), forwarded $(ratio "$two_fwd" "$old_fwd"), PUT $(ratio "$two_put" "$old_put")"
+fi
+eight_shards "$NODE" "CAVI"
+if [ -n "$OLD_NODE" ]; then
+  baseline_note "search $(ratio "$eight_search" "$old_search") (target >= 3.00x)"
+fi
+
+# --- cavi load: routed to owners vs through one entry node ---------------
 p0=$(free_port); p1=$(free_port)
 cat >"$work/two.yaml" <<EOF
 shards:
   - { id: 0, addr: "127.0.0.1:$p0", range_start: "a", range_end: "m" }
   - { id: 1, addr: "127.0.0.1:$p1", range_start: "n", range_end: "z" }
 EOF
-serve two "$NODE" all "$work/two.yaml"
-two_pid=$last_pid
-wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
-load "http://127.0.0.1:$p0" put a "$WARM_KEYS" 1
-load "http://127.0.0.1:$p1" put n "$WARM_KEYS" 1
-log "local GET"
-load "http://127.0.0.1:$p0" get a "$WARM_KEYS"
-local_rps=$rps
-measured "local GET (memory)" "$(ratio "$rps" "$ceiling_rps") of ceiling (target >= 0.90x)"
-log "forwarded GET"
-load "http://127.0.0.1:$p1" get a "$WARM_KEYS"
-measured "forwarded GET (entry is not owner)" "$(ratio "$rps" "$local_rps") of local GET (target >= 0.45x)"
-log "PUT"
-load "http://127.0.0.1:$p0" put b "$WARM_KEYS"
-measured "PUT (memory)"
-log "search over 2 shards"
-load "http://127.0.0.1:$p0" search a 1
-measured "search, 2 shards (limit=10)"
-stop "$two_pid"
-
-# --- CAVI in memory, eight shards ----------------------------------------
-ports=()
-for _ in 1 2 3 4 5 6 7 8; do ports+=("$(free_port)"); done
-starts=("" d g j m p s v)
-ends=(c f i l o r u "")
-{
-  echo "shards:"
-  for i in 0 1 2 3 4 5 6 7; do
-    printf '  - { id: %d, addr: "127.0.0.1:%s", range_start: "%s"' "$i" "${ports[$i]}" "${starts[$i]}"
-    if [ -n "${ends[$i]}" ]; then printf ', range_end: "%s" }\n' "${ends[$i]}"; else printf ' }\n'; fi
-  done
-} >"$work/eight.yaml"
-serve eight "$NODE" all "$work/eight.yaml"
-eight_pid=$last_pid
-for p in "${ports[@]}"; do wait_http "http://127.0.0.1:$p/readyz"; done
-for i in 0 1 2 3 4 5 6 7; do load "http://127.0.0.1:${ports[0]}" put "${starts[$i]:-a}" 100 1; done
-log "search over 8 shards"
-load "http://127.0.0.1:${ports[0]}" search a 1
-measured "search, 8 shards (limit=10)"
-stop "$eight_pid"
+# Keys alternate between the two shards; 100-byte values.
+awk -v n="$LOAD_KEYS" 'BEGIN {
+  v = sprintf("%100s", ""); gsub(/ /, "v", v)
+  for (i = 0; i < n; i++) printf "{\"key\":\"%s%015d\",\"value\":\"%s\"}\n", (i % 2 ? "n" : "a"), i, v
+}' >"$work/load.jsonl"
+# cavi_load LABEL [FLAGS...]: loads every key into a fresh cluster; sets
+# load_secs load_rate stored.
+cavi_load() {
+  local label=$1; shift
+  serve load "$NODE" all "$work/two.yaml"
+  local pid=$last_pid start end
+  wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
+  log "cavi load, $label"
+  start=$(date +%s.%N)
+  taskset -c "$CLIENT_CPU" "$CAVI" -e "http://127.0.0.1:$p0" "$@" load "$work/load.jsonl" --concurrency "$CONNS" >/dev/null
+  end=$(date +%s.%N)
+  stored=$(( $(curl -fs "http://127.0.0.1:$p0/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"])') \
+    + $(curl -fs "http://127.0.0.1:$p1/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"])') ))
+  load_secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')
+  load_rate=$(awk -v s="$load_secs" -v n="$LOAD_KEYS" 'BEGIN { printf "%.0f", n / s }')
+  stop "$pid"
+}
+cavi_load "through one entry node" --no-routing
+entry_rate=$load_rate
+row "cavi load --no-routing (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_secs s, $stored stored"
+cavi_load "routed to owners"
+row "cavi load, routed (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_secs s, $stored stored; $(ratio "$load_rate" "$entry_rate") of --no-routing (target >= 1.80x)"
 
 # --- Durable: CAVI on disk vs etcd ---------------------------------------
 pd=$(free_port)
@@ -180,7 +271,7 @@ wait_http "http://127.0.0.1:$pe/health"
 log "etcd PUT"
 load "http://127.0.0.1:$pe" etcd_put a "$WARM_KEYS"
 etcd_rps=$rps
-row "durable PUT (disk, fsync per ack)" "${durable_row[@]}" "$(ratio "$durable_rps" "$etcd_rps") of etcd PUT (target >= 2.00x)"
+row "durable PUT (disk, fsync per ack)" "${durable_row[@]}" "$(ratio "$durable_rps" "$etcd_rps") of etcd PUT (target >= 2.00x), $(ratio "$durable_rps" "$put_rps") of memory PUT (target >= 0.50x)"
 measured "etcd PUT (HTTP gateway, fsync)"
 row "GET from disk" "${disk_get[@]}" "$(ratio "${disk_get[0]}" "$local_rps") of GET from memory"
 stop "$etcd_pid"
@@ -242,4 +333,10 @@ printf '%s\n' "${rows[@]}"
 printf '\n%-34s %10s\n' "memory after $stored keys (16 B keys, 100 B values)" "bytes/key"
 printf '%-34s %10s\n' "CAVI node (RSS growth / keys)" "$cavi_bpk"
 printf '%-34s %10s\n' "redis-server (RSS growth / keys)" "$redis_bpk"
-printf '%-34s %10s   (target <= 1.00x)\n' "CAVI / redis" "$(ratio "$cavi_bpk" "$redis_bpk")"
+printf '%-34s %10s\n' "CAVI / redis" "$(ratio "$cavi_bpk" "$redis_bpk")"
+printf '%-34s %10s\n' "CAVI target" "<= 140"
+
+if [ "$INSTRUCTIONS" != 0 ]; then
+  log "instructions per request (callgrind)"
+  python3 bench/instructions.py --node "$NODE" --ceiling "$CEILING" ${OLD_NODE:+--baseline "$OLD_NODE"}
+fi

@@ -22,6 +22,9 @@ use tokio::task::JoinSet;
 use crate::ClientError;
 use crate::routing::Router;
 
+/// Records handed from the reading thread to the runtime at once.
+const CHUNK: usize = 256;
+
 /// Default number of PUT requests in flight.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
 
@@ -414,14 +417,25 @@ pub async fn load(
 ) -> LoadReport {
     let concurrency = concurrency.max(1);
     let started = Instant::now();
-    let (tx, mut rx) = mpsc::channel(concurrency * 4);
+    let (tx, mut rx) = mpsc::channel::<Vec<Result<Record, ClientError>>>(4);
     // A plain thread, not spawn_blocking: a reader stuck on a terminal's
-    // stdin must not keep the runtime from shutting down.
+    // stdin must not keep the runtime from shutting down. Records cross
+    // in chunks: one wake-up of the runtime per record cost more than
+    // the request itself. A chunk goes out early when the channel is
+    // empty (the sender is starved, e.g. lines typed at a terminal).
     std::thread::spawn(move || {
+        let mut chunk = Vec::with_capacity(CHUNK);
         for item in records {
-            if tx.blocking_send(item).is_err() {
-                break;
+            chunk.push(item);
+            if chunk.len() >= CHUNK || tx.capacity() == tx.max_capacity() {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                if tx.blocking_send(full).is_err() {
+                    return;
+                }
             }
+        }
+        if !chunk.is_empty() {
+            let _ = tx.blocking_send(chunk);
         }
     });
     let loaded = Arc::new(AtomicU64::new(0));
@@ -433,7 +447,21 @@ pub async fn load(
     let mut in_flight = JoinSet::new();
     let mut error: Option<ClientError> = None;
     let mut reading = true;
+    let mut pending = VecDeque::new();
     loop {
+        while reading && in_flight.len() < concurrency {
+            match pending.pop_front() {
+                None => break,
+                Some(Err(e)) => {
+                    keep(e, &mut error);
+                    reading = false;
+                }
+                Some(Ok(Record { line, key, value })) => {
+                    let client = client.clone();
+                    in_flight.spawn(async move { (line, client.put(&key, &value).await) });
+                }
+            }
+        }
         tokio::select! {
             biased;
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => match done {
@@ -449,16 +477,9 @@ pub async fn load(
                     reading = false;
                 }
             },
-            item = rx.recv(), if reading && in_flight.len() < concurrency => match item {
+            chunk = rx.recv(), if reading && pending.is_empty() && in_flight.len() < concurrency => match chunk {
                 None => reading = false,
-                Some(Err(e)) => {
-                    keep(e, &mut error);
-                    reading = false;
-                }
-                Some(Ok(Record { line, key, value })) => {
-                    let client = client.clone();
-                    in_flight.spawn(async move { (line, client.put(&key, &value).await) });
-                }
+                Some(items) => pending.extend(items),
             },
             else => break,
         }

@@ -253,13 +253,16 @@ mod tests {
         for value in samples {
             assert_eq!(
                 json_string(value),
-                serde_json::to_vec(value).unwrap(),
+                serde_json::to_vec(value).expect("a string encodes"),
                 "{value:?}"
             );
         }
         for b in 0u8..=0x7f {
             let value = format!("a{}b", b as char);
-            assert_eq!(json_string(&value), serde_json::to_vec(&value).unwrap());
+            assert_eq!(
+                json_string(&value),
+                serde_json::to_vec(&value).expect("a string encodes")
+            );
         }
     }
 }

@@ -117,10 +117,11 @@ pub struct PageQuery<'a> {
 
 #[derive(Debug, Clone)]
 pub struct PeerClient {
-    /// Forwarded key operations, the hot path: hyper's pooled client with
-    /// no URL parsing, redirect or retry layers on the way.
+    /// Forwarded key operations and search pages, the hot paths: hyper's
+    /// pooled client with no URL parsing, redirect or retry layers.
     hop: HyperClient<HttpConnector, Full<Bytes>>,
-    /// Everything else (maps, search pages, moves).
+    /// Everything else (maps, moves): the rare calls, where reqwest's
+    /// conveniences cost nothing that matters.
     http: reqwest::Client,
     sender: HeaderValue,
     connect_timeout: Duration,
@@ -167,17 +168,46 @@ impl PeerClient {
         epoch: u64,
         request_id: Option<&HeaderValue>,
     ) -> Result<Response, PeerError> {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(addr)
-            .path_and_query(format!("/kv?key={}", utf8_percent_encode(key, URL_ESCAPE)))
-            .build()
-            .map_err(|e| PeerError::BadResponse(format!("cannot address {addr}: {e}")))?;
         let (method, body) = match op {
             KvOp::Get => (Method::GET, Bytes::new()),
             KvOp::Delete => (Method::DELETE, Bytes::new()),
             KvOp::Put { body, .. } => (Method::PUT, body.clone()),
         };
+        let path = format!("/kv?key={}", utf8_percent_encode(key, URL_ESCAPE));
+        let (parts, body) = self
+            .exchange(method, addr, path, body, epoch, request_id)
+            .await?;
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = parts.status;
+        if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, ct.clone());
+        }
+        if let Some(epoch) = parts.headers.get(EPOCH_HEADER) {
+            response.headers_mut().insert(EPOCH_HEADER, epoch.clone());
+        }
+        Ok(response)
+    }
+
+    /// One request to a peer over the pooled hop client, with the headers
+    /// every proxied request carries, bounded by the peer request timeout
+    /// from sending to the last byte of the answer.
+    async fn exchange(
+        &self,
+        method: Method,
+        addr: &str,
+        path_and_query: String,
+        body: Bytes,
+        epoch: u64,
+        request_id: Option<&HeaderValue>,
+    ) -> Result<(axum::http::response::Parts, Bytes), PeerError> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(addr)
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| PeerError::BadResponse(format!("cannot address {addr}: {e}")))?;
         let mut request = Request::builder()
             .method(method)
             .uri(uri)
@@ -206,20 +236,9 @@ impl PeerClient {
                 .to_bytes();
             Ok::<_, PeerError>((parts, body))
         };
-        let (parts, body) = tokio::time::timeout(self.request_timeout, exchange)
+        tokio::time::timeout(self.request_timeout, exchange)
             .await
-            .map_err(|_| PeerError::Timeout(self.request_timeout))??;
-        let mut response = Response::new(Body::from(body));
-        *response.status_mut() = parts.status;
-        if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, ct.clone());
-        }
-        if let Some(epoch) = parts.headers.get(EPOCH_HEADER) {
-            response.headers_mut().insert(EPOCH_HEADER, epoch.clone());
-        }
-        Ok(response)
+            .map_err(|_| PeerError::Timeout(self.request_timeout))?
     }
 
     /// The live map of the node at `addr`.
@@ -243,39 +262,37 @@ impl PeerClient {
         epoch: u64,
         request_id: Option<&HeaderValue>,
     ) -> Result<PageAnswer, PeerError> {
-        let mut url = format!(
-            "http://{addr}/internal/v1/search?range_start={}&prefix={}&limit={}&max_bytes={}",
+        let mut path = format!(
+            "/internal/v1/search?range_start={}&prefix={}&limit={}&max_bytes={}",
             utf8_percent_encode(&q.range.start, URL_ESCAPE),
             utf8_percent_encode(q.prefix, URL_ESCAPE),
             q.limit,
             q.max_bytes,
         );
         if let Some(end) = &q.range.end {
-            url.push_str("&range_end=");
-            url.extend(utf8_percent_encode(end, URL_ESCAPE));
+            path.push_str("&range_end=");
+            path.extend(utf8_percent_encode(end, URL_ESCAPE));
         }
         if let Some(after) = q.after {
-            url.push_str("&after=");
-            url.extend(utf8_percent_encode(after, URL_ESCAPE));
+            path.push_str("&after=");
+            path.extend(utf8_percent_encode(after, URL_ESCAPE));
         }
-        let answer = self
-            .hop(self.http.get(url), epoch, request_id)
-            .send()
-            .await
-            .map_err(|e| self.classify(e))?;
-        if answer.status() == StatusCode::MISDIRECTED_REQUEST {
-            let theirs = answer
-                .headers()
+        let (parts, body) = self
+            .exchange(Method::GET, addr, path, Bytes::new(), epoch, request_id)
+            .await?;
+        if parts.status == StatusCode::MISDIRECTED_REQUEST {
+            let theirs = parts
+                .headers
                 .get(EPOCH_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             return Ok(PageAnswer::Misdirected(theirs));
         }
-        let more = answer
-            .headers()
-            .contains_key(crate::wire::NEXT_CURSOR_HEADER);
-        let body = self.body(answer).await?;
+        if !parts.status.is_success() {
+            return Err(refusal(parts.status, &body));
+        }
+        let more = parts.headers.contains_key(crate::wire::NEXT_CURSOR_HEADER);
         let entries = serde_json::from_slice(&body)
             .map_err(|e| PeerError::BadResponse(format!("search page is not a list: {e}")))?;
         Ok(PageAnswer::Page(Page { entries, more }))
@@ -347,22 +364,6 @@ impl PeerClient {
             return Ok(body);
         }
         Err(refusal(status, &body))
-    }
-
-    /// The headers every proxied request carries.
-    fn hop(
-        &self,
-        request: reqwest::RequestBuilder,
-        epoch: u64,
-        request_id: Option<&HeaderValue>,
-    ) -> reqwest::RequestBuilder {
-        let request = request
-            .header(FORWARDED_HEADER, self.sender.clone())
-            .header(EPOCH_HEADER, HeaderValue::from(epoch));
-        match request_id {
-            Some(id) => request.header(REQUEST_ID_HEADER, id.clone()),
-            None => request,
-        }
     }
 
     fn classify(&self, e: reqwest::Error) -> PeerError {

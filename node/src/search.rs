@@ -165,6 +165,8 @@ struct Source {
     more: bool,
     /// The epoch of the map the range came from.
     epoch: u64,
+    /// Whether a page of it has been read.
+    read: bool,
 }
 
 /// What a search answers with.
@@ -248,6 +250,7 @@ impl Node {
                 buffered: VecDeque::new(),
                 more: true,
                 epoch: map.epoch,
+                read: false,
             })
             .collect();
         if params.scope == Scope::Cluster {
@@ -256,28 +259,45 @@ impl Node {
         let limit = params.limit.unwrap_or(usize::MAX);
         let page_keys = self.settings.search_page_keys.min(limit.max(1));
 
-        // First pages, all at once.
-        let firsts = futures::future::join_all(sources.iter_mut().map(|source| {
-            let node = self.clone();
-            let prefix = params.prefix.clone();
-            let request_id = caller.request_id.clone();
-            async move {
-                node.read_page(source, &prefix, page_keys, request_id.as_ref())
-                    .await
-            }
-        }))
-        .await;
+        // First pages. Without a limit, of every range at once. With one,
+        // of the first range alone: ranges are read in key order, so one
+        // that holds `limit` matches is the whole answer and the others
+        // need not be asked (a page of 10 over 8 shards asks one). Only if
+        // it falls short are the rest asked, at once.
         let mut expanded = VecDeque::with_capacity(sources.len());
         let mut failures: Vec<(u32, PeerError)> = Vec::new();
-        for (source, first) in sources.drain(..).zip(firsts) {
-            match first {
-                Ok(None) => expanded.push_back(source),
-                Ok(Some(split)) => expanded.extend(split),
-                Err(ApiError::Peer {
-                    shard, source: e, ..
-                }) => failures.push((shard, e)),
-                Err(e) => return Err(e),
+        let mut wave = if params.limit.is_some() {
+            1
+        } else {
+            sources.len()
+        };
+        while !sources.is_empty() {
+            let mut batch: Vec<Source> = sources.drain(..wave.min(sources.len())).collect();
+            let firsts = futures::future::join_all(batch.iter_mut().map(|source| {
+                let node = self.clone();
+                let prefix = params.prefix.clone();
+                let request_id = caller.request_id.clone();
+                async move {
+                    node.read_page(source, &prefix, page_keys, request_id.as_ref())
+                        .await
+                }
+            }))
+            .await;
+            for (source, first) in batch.into_iter().zip(firsts) {
+                match first {
+                    Ok(None) => expanded.push_back(source),
+                    Ok(Some(split)) => expanded.extend(split),
+                    Err(ApiError::Peer {
+                        shard, source: e, ..
+                    }) => failures.push((shard, e)),
+                    Err(e) => return Err(e),
+                }
             }
+            let buffered: usize = expanded.iter().map(|s| s.buffered.len()).sum();
+            if expanded.iter().any(|s| s.more) || buffered >= limit {
+                break;
+            }
+            wave = sources.len();
         }
         failures.sort_by_key(|(id, _)| *id);
         if !failures.is_empty() && !params.partial {
@@ -286,7 +306,9 @@ impl Node {
         for (id, e) in &failures {
             tracing::warn!(shard = id, error = %e, "partial search: shard missing");
         }
-        let missing: Vec<u32> = failures.iter().map(|(id, _)| *id).collect();
+        let mut missing: Vec<u32> = failures.iter().map(|(id, _)| *id).collect();
+        // Ranges not asked yet, read only if the answer gets to them.
+        expanded.extend(sources.drain(..));
         let mut sources = expanded;
 
         let budget = self.settings.search_buffer_bytes;
@@ -302,18 +324,24 @@ impl Node {
                     rest: None,
                 });
             };
+            if source.buffered.is_empty() && !source.more {
+                sources.pop_front();
+                continue;
+            }
+            // Something may be left: a page that is full stops here with a
+            // cursor, before reading a page it would not use.
+            if entries.len() >= limit
+                || (params.limit.is_some() && !entries.is_empty() && bytes >= budget)
+            {
+                let next_cursor = entries.last().map(|e: &Entry| encode_cursor(&e.key));
+                return Ok(SearchResult {
+                    entries,
+                    missing,
+                    next_cursor,
+                    rest: None,
+                });
+            }
             if let Some(entry) = source.buffered.pop_front() {
-                let stop = entries.len() >= limit
-                    || (params.limit.is_some() && !entries.is_empty() && bytes >= budget);
-                if stop {
-                    let next_cursor = entries.last().map(|e: &Entry| encode_cursor(&e.key));
-                    return Ok(SearchResult {
-                        entries,
-                        missing,
-                        next_cursor,
-                        rest: None,
-                    });
-                }
                 bytes += entry.size();
                 entries.push(entry);
                 if params.limit.is_none() && bytes >= budget {
@@ -332,19 +360,33 @@ impl Node {
                 }
                 continue;
             }
-            if !source.more {
-                sources.pop_front();
-                continue;
-            }
-            if let Some(split) = self
+            let first = !source.read;
+            let page = self
                 .read_page(
                     source,
                     &params.prefix,
                     page_keys,
                     caller.request_id.as_ref(),
                 )
-                .await?
-            {
+                .await;
+            let page = match page {
+                // A range asked for the first time fails like the first
+                // pages above: the search, or only that shard when a
+                // partial answer was asked for.
+                Err(ApiError::Peer {
+                    shard, source: e, ..
+                }) if first => {
+                    if !params.partial {
+                        return Err(ApiError::SearchIncomplete(vec![(shard, e)]));
+                    }
+                    tracing::warn!(shard, error = %e, "partial search: shard missing");
+                    missing.push(shard);
+                    sources.pop_front();
+                    continue;
+                }
+                other => other?,
+            };
+            if let Some(split) = page {
                 sources.pop_front();
                 for s in split.into_iter().rev() {
                     sources.push_front(s);
@@ -406,6 +448,7 @@ impl Node {
                         .map(|e| e.key.clone())
                         .or(source.after.take());
                     source.more = more;
+                    source.read = true;
                     source.buffered.extend(entries);
                     Ok(None)
                 }
@@ -443,6 +486,7 @@ impl Node {
                             buffered: VecDeque::new(),
                             more: true,
                             epoch: map.epoch,
+                            read: false,
                         });
                     }
                     for s in &mut split {

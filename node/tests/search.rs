@@ -103,6 +103,71 @@ async fn failing_shard_fails_the_search_unless_partial_is_asked() {
     assert_eq!(partial.headers[PARTIAL_HEADER], "1");
 }
 
+/// A page with a limit asks the ranges in key order: the first alone when
+/// it holds the whole page (a dead shard after it does not matter), the
+/// others only when the answer gets to them, and a range first asked late
+/// fails the search, or only itself when a partial answer is asked for.
+#[tokio::test]
+async fn a_limited_search_asks_later_shards_only_when_the_answer_reaches_them() {
+    // Pages of two keys, so range 0 takes two reads and range 1 is first
+    // asked after the first wave.
+    let settings = cavi_node::settings::Settings {
+        search_page_keys: 2,
+        ..fast_settings()
+    };
+    let c = Cluster::start_with(
+        &THREE,
+        &[Member::Node, Member::Dead, Member::Node],
+        settings,
+    )
+    .await;
+    for key in ["apple", "banana", "cherry"] {
+        c.client.put(&c.url(0), key, "1").await;
+    }
+    c.client.put(&c.url(2), "tree", "2").await;
+
+    let page = c.client.search(&c.url(0), "prefix=&limit=2").await;
+    assert_eq!(page.status, StatusCode::OK, "{page:?}");
+    assert_eq!(page.keys(), ["apple", "banana"]);
+    assert!(!page.headers.contains_key(PARTIAL_HEADER));
+
+    // The page reaches the dead shard's range: asked, it fails the search.
+    let short = c.client.search(&c.url(0), "prefix=&limit=5").await;
+    assert_eq!(short.status, StatusCode::SERVICE_UNAVAILABLE, "{short:?}");
+    assert!(short.error().contains("shard(s) 1"), "{short:?}");
+    let partial = c
+        .client
+        .search(&c.url(0), "prefix=&limit=5&partial=true")
+        .await;
+    assert_eq!(partial.status, StatusCode::OK, "{partial:?}");
+    assert_eq!(partial.keys(), ["apple", "banana", "cherry", "tree"]);
+    assert_eq!(partial.headers[PARTIAL_HEADER], "1");
+
+    // A page that ends where range 0 ends stops there with a cursor,
+    // without asking the next range; the continuation reaches it.
+    let first = c.client.search(&c.url(0), "prefix=&limit=3").await;
+    assert_eq!(first.keys(), ["apple", "banana", "cherry"]);
+    let cursor = first.headers["x-cavi-next-cursor"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let rest = c
+        .client
+        .search(
+            &c.url(0),
+            &format!("prefix=&limit=3&partial=true&cursor={cursor}"),
+        )
+        .await;
+    assert_eq!(rest.status, StatusCode::OK, "{rest:?}");
+    assert_eq!(rest.keys(), ["tree"]);
+    assert_eq!(rest.headers[PARTIAL_HEADER], "1");
+    let strict = c
+        .client
+        .search(&c.url(0), &format!("prefix=&limit=3&cursor={cursor}"))
+        .await;
+    assert_eq!(strict.status, StatusCode::SERVICE_UNAVAILABLE, "{strict:?}");
+}
+
 #[tokio::test]
 async fn hung_shards_are_asked_concurrently_and_bounded_by_the_timeout() {
     let c = Cluster::start_with(

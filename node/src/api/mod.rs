@@ -285,7 +285,7 @@ async fn empty_key() -> ApiError {
     ),
     responses(
         (status = 200, description = "The entries, sorted by key", body = Vec<crate::store::Entry>, headers(
-            ("x-cavi-next-cursor" = String, description = "Present when the answer stopped at `limit` or its size budget: pass it as `cursor`"),
+            ("x-cavi-next-cursor" = String, description = "Present when the answer stopped at `limit` or its size budget and more may follow (the next page can be empty): pass it as `cursor`"),
             ("x-cavi-partial" = String, description = "With `partial=true`: the ids of the shards left out, comma-separated")
         )),
         (status = 400, description = "`invalid_query`: an unknown parameter, a value that does not parse, a cursor this cluster did not write", body = ErrorBody),

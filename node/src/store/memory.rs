@@ -1,86 +1,16 @@
-//! The default engine: an ordered set behind a reader-writer lock, so
-//! concurrent readers share the lock and only writers take it alone.
-//!
-//! Each entry is one allocation, `[key length | key | value]`, ordered and
-//! looked up by its key bytes (the set borrows them straight out of the
-//! entry). One allocation instead of one per key and per value is what
-//! keeps a small entry near the size of its bytes.
+//! The default engine: an ordered map of packed blocks ([`Blocks`]) behind
+//! a reader-writer lock, so concurrent readers share the lock and only
+//! writers take it alone.
 
-use std::borrow::Borrow;
-use std::cmp::Ordering as CmpOrdering;
-use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::blocks::Blocks;
 use super::{
     Entry, Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp, scan_done, scan_start,
 };
 use crate::keyspace::Span;
-
-const LEN: usize = std::mem::size_of::<u32>();
-
-/// A key and its value in one boxed slice.
-struct Packed(Box<[u8]>);
-
-impl Packed {
-    fn new(key: &str, value: &str) -> Self {
-        let mut bytes = Vec::with_capacity(LEN + key.len() + value.len());
-        // Keys are bounded far below 4 GiB by the node's key size limit.
-        let len = u32::try_from(key.len()).unwrap_or(u32::MAX);
-        bytes.extend_from_slice(&len.to_le_bytes());
-        bytes.extend_from_slice(key.as_bytes());
-        bytes.extend_from_slice(value.as_bytes());
-        Self(bytes.into_boxed_slice())
-    }
-
-    fn key_len(&self) -> usize {
-        let mut len = [0u8; LEN];
-        len.copy_from_slice(&self.0[..LEN]);
-        u32::from_le_bytes(len) as usize
-    }
-
-    fn key(&self) -> &[u8] {
-        &self.0[LEN..LEN + self.key_len()]
-    }
-
-    fn value(&self) -> &[u8] {
-        &self.0[LEN + self.key_len()..]
-    }
-
-    /// Key and value bytes, as counted in `bytes()`.
-    fn size(&self) -> u64 {
-        (self.0.len() - LEN) as u64
-    }
-}
-
-impl Borrow<[u8]> for Packed {
-    fn borrow(&self) -> &[u8] {
-        self.key()
-    }
-}
-
-impl PartialEq for Packed {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for Packed {}
-
-impl PartialOrd for Packed {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
-    }
-}
-
-/// By key only, exactly as the borrowed `[u8]` compares, which is what
-/// lets the set be searched with a plain key.
-impl Ord for Packed {
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        self.key().cmp(other.key())
-    }
-}
 
 fn text(bytes: &[u8]) -> Result<&str, StoreError> {
     // Everything stored came in as `&str`.
@@ -128,17 +58,16 @@ impl MemoryStore {
     }
 
     fn insert(&self, inner: &mut Inner, key: &str, value: &str) {
-        let entry = Packed::new(key, value);
-        let added = entry.size();
-        if let Some(old) = inner.set.replace(entry) {
-            self.bytes.fetch_sub(old.size(), Ordering::Relaxed);
+        let added = (key.len() + value.len()) as u64;
+        if let Some(old) = inner.set.insert(key.as_bytes(), value.as_bytes()) {
+            self.bytes.fetch_sub(old as u64, Ordering::Relaxed);
         }
         self.bytes.fetch_add(added, Ordering::Relaxed);
     }
 
     fn remove(&self, inner: &mut Inner, key: &str) {
-        if let Some(old) = inner.set.take(key.as_bytes()) {
-            self.bytes.fetch_sub(old.size(), Ordering::Relaxed);
+        if let Some(old) = inner.set.remove(key.as_bytes()) {
+            self.bytes.fetch_sub(old as u64, Ordering::Relaxed);
         }
     }
 }
@@ -147,7 +76,7 @@ impl MemoryStore {
 /// their order).
 #[derive(Default)]
 struct Inner {
-    set: BTreeSet<Packed>,
+    set: Blocks,
     tap: Option<Arc<dyn Tap>>,
 }
 
@@ -159,8 +88,8 @@ impl Store for MemoryStore {
     fn read(&self, key: &str, found: &mut dyn FnMut(&str)) -> Result<bool, StoreError> {
         let inner = self.read_set();
         match inner.set.get(key.as_bytes()) {
-            Some(p) => {
-                found(text(p.value())?);
+            Some(value) => {
+                found(text(value)?);
                 Ok(true)
             }
             None => Ok(false),
@@ -207,8 +136,8 @@ impl Store for MemoryStore {
         let (from, _) = scan_start(req);
         let mut page = Page::default();
         let mut bytes = 0usize;
-        for p in inner.set.range::<[u8], _>((from, Bound::Unbounded)) {
-            if scan_done(req, p.key()) {
+        for (key, value) in inner.set.range(from) {
+            if scan_done(req, key) {
                 break;
             }
             if page.entries.len() >= req.limit
@@ -218,8 +147,8 @@ impl Store for MemoryStore {
                 break;
             }
             let entry = Entry {
-                key: text(p.key())?.to_owned(),
-                value: text(p.value())?.to_owned(),
+                key: text(key)?.to_owned(),
+                value: text(value)?.to_owned(),
             };
             bytes += entry.size();
             page.entries.push(entry);
@@ -231,8 +160,8 @@ impl Store for MemoryStore {
         let inner = self.read_set();
         let n = inner
             .set
-            .range::<[u8], _>((Bound::Included(span.start.as_slice()), Bound::Unbounded))
-            .take_while(|p| span.contains(p.key()))
+            .range(Bound::Included(span.start.as_slice()))
+            .take_while(|(key, _)| span.contains(key))
             .count();
         Ok(n as u64)
     }

@@ -2,6 +2,7 @@
 //! its storage engines; every engine keeps keys ordered, so a prefix search
 //! or a range copy is a range scan, never a full scan.
 
+mod blocks;
 mod disk;
 mod memory;
 

@@ -26,6 +26,7 @@ SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 WARM_KEYS=10000
 LOAD_KEYS=${BENCH_LOAD_KEYS:-200000}
+MOVE_KEYS=${BENCH_MOVE_KEYS:-100000}
 BASELINE=${BENCH_BASELINE:-cc4bef3}
 INSTRUCTIONS=${BENCH_INSTRUCTIONS:-1}
 
@@ -245,6 +246,67 @@ entry_rate=$load_rate
 row "cavi load --no-routing (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_secs s, $stored stored"
 cavi_load "routed to owners"
 row "cavi load, routed (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_secs s, $stored stored; $(ratio "$load_rate" "$entry_rate") of --no-routing (target >= 1.80x)"
+
+# --- Resharding: a range moved between live nodes under load -------------
+# Shard 0 holds a..m with MOVE_KEYS keys of 1,000-byte values in h..m; a
+# reshard moves h..m to shard 1 while wrk GETs a-keys from shard 0 (the
+# source), then moves it back while wrk PUTs them (shard 0 is then the
+# target). Each is compared with the same wrk run before any move.
+p0=$(free_port); p1=$(free_port)
+two_ranges() {
+  printf 'shards:\n  - { id: 0, addr: "127.0.0.1:%s", range_start: "a", range_end: "%s" }\n' "$p0" "$1"
+  printf '  - { id: 1, addr: "127.0.0.1:%s", range_start: "%s", range_end: "z" }\n' "$p1" "$2"
+}
+two_ranges m n >"$work/move-before.yaml"
+two_ranges g h >"$work/move-after.yaml"
+serve move "$NODE" all "$work/move-before.yaml" ${BENCH_MOVE_RATE:+--move-rate "$BENCH_MOVE_RATE"}
+move_pid=$last_pid
+wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
+load "http://127.0.0.1:$p0" put a "$WARM_KEYS" 1
+log "resharding: loading $MOVE_KEYS keys of 1,000 bytes into h..m"
+VALUE_BYTES=1000 load "http://127.0.0.1:$p0" put h "$MOVE_KEYS" 1
+log "resharding: foreground GET and PUT before any move"
+load "http://127.0.0.1:$p0" get a "$WARM_KEYS"
+get_before=("$rps" "$p99")
+load "http://127.0.0.1:$p0" put a "$WARM_KEYS"
+put_before=("$rps" "$p99")
+
+# during MODE LAYOUT: wrk runs MODE against shard 0 for exactly as long as
+# `cavi reshard` takes to reach LAYOUT; sets rps p50 p99 move_secs.
+during() {
+  local mode=$1 layout=$2 wrk_pid start end
+  MODE=$mode PREFIX=a KEYS=$WARM_KEYS STOP=0 \
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d900s --latency -s bench/wrk.lua "http://127.0.0.1:$p0" >"$work/wrk.out" &
+  wrk_pid=$!
+  start=$(date +%s.%N)
+  "$CAVI" -e "http://127.0.0.1:$p0" reshard -f "$layout" >/dev/null 2>"$work/reshard.log" || {
+    cat "$work/reshard.log" >&2
+    exit 1
+  }
+  end=$(date +%s.%N)
+  kill -INT "$wrk_pid" 2>/dev/null || true
+  wait "$wrk_pid" || true
+  read -r _ rps p50 p99 _ < <(grep '^RESULT' "$work/wrk.out")
+  move_secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')
+}
+node_bytes() { curl -fs "http://127.0.0.1:$1/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])'; }
+node_keys() { curl -fs "http://127.0.0.1:$1/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"])'; }
+move_row() {
+  local what=$1 bytes=$2 keys=$3
+  row "reshard: $what" "" "" "" "$keys keys, $(awk -v b="$bytes" 'BEGIN { printf "%.0f", b / 1e6 }') MB in $move_secs s: $(awk -v b="$bytes" -v s="$move_secs" 'BEGIN { printf "%.0f", b / 1e6 / s }') MB/s, $(awk -v k="$keys" -v s="$move_secs" 'BEGIN { printf "%.0f", k / s }') keys/s (target >= 50 MB/s)"
+}
+
+log "resharding: h..m to shard 1 under GETs"
+during get "$work/move-after.yaml"
+moved_bytes=$(node_bytes "$p1") moved_keys=$(node_keys "$p1")
+move_row "h..m from shard 0 to 1" "$moved_bytes" "$moved_keys"
+measured "  GET on the source, during" "$(ratio "$rps" "${get_before[0]}") of before (target >= 0.70x), p99 $(ratio "$p99" "${get_before[1]}") of before (target <= 2.00x)"
+log "resharding: h..m back to shard 0 under PUTs"
+during put "$work/move-before.yaml"
+back_keys=$(( $(node_keys "$p0") - WARM_KEYS ))
+move_row "h..m back from shard 1 to 0" "$moved_bytes" "$back_keys"
+measured "  PUT on the target, during" "$(ratio "$rps" "${put_before[0]}") of before (target >= 0.70x), p99 $(ratio "$p99" "${put_before[1]}") of before (target <= 2.00x)"
+stop "$move_pid"
 
 # --- Durable: CAVI on disk vs etcd ---------------------------------------
 pd=$(free_port)

@@ -2,6 +2,7 @@
 --   MODE    get | put | search | etcd_put | constant
 --   PREFIX  first character of the keys (picks the owning shard)
 --   KEYS    number of distinct keys (16 bytes each: PREFIX + 15 digits)
+--   VALUE_BYTES  size of a PUT's value (default 100)
 --   STOP    1: stop after KEYS answers and touch DONE_FILE (loading),
 --           0: run for the duration
 -- done() prints one machine-readable line: RESULT <req/s> <p50 us> <p99 us> <errors>
@@ -10,7 +11,7 @@ local prefix = os.getenv("PREFIX") or "a"
 local keys = tonumber(os.getenv("KEYS") or "10000")
 local stop = os.getenv("STOP") == "1"
 local done_file = os.getenv("DONE_FILE")
-local value = string.rep("v", 100)
+local value = string.rep("v", tonumber(os.getenv("VALUE_BYTES") or "100"))
 local put_body = '{"value":"' .. value .. '"}'
 local counter = 0
 

@@ -95,6 +95,12 @@ pub struct Args {
     #[arg(long, env = "CAVI_FENCE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub fence_timeout: Duration,
 
+    /// Key and value bytes per second a move copies out of this node (0:
+    /// no limit); the catch-up of writes taken during the copy is not
+    /// limited.
+    #[arg(long, env = "CAVI_MOVE_RATE", default_value_t = crate::settings::DEFAULT_MOVE_RATE)]
+    pub move_rate: u64,
+
     /// Most writes waiting for the disk (durable storage); when full,
     /// writers wait up to half the request timeout, then get 503 overloaded
     /// (the other half is left for the write itself).
@@ -163,6 +169,7 @@ impl Args {
             peer_request_timeout: self.peer_timeout,
             request_timeout: self.request_timeout,
             fence_timeout: self.fence_timeout,
+            move_rate: self.move_rate,
             ..Settings::default()
         }
     }

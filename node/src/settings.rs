@@ -25,7 +25,15 @@ pub struct Settings {
     /// every shard answered; past it an answer without `limit` streams,
     /// and one with `limit` stops with a cursor.
     pub search_buffer_bytes: usize,
+    /// Key and value bytes per second a move copies out of this node; 0
+    /// for no limit. The copy competes with foreground requests for the
+    /// same cores, and the catch-up after it is not limited.
+    pub move_rate: u64,
 }
+
+/// 48 MiB/s: on one shared core, foreground requests keep about three
+/// quarters of their throughput during a move (bench/run.sh).
+pub const DEFAULT_MOVE_RATE: u64 = 48 << 20;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -39,6 +47,7 @@ impl Default for Settings {
             search_page_keys: 1000,
             search_page_bytes: 4 << 20,
             search_buffer_bytes: 1 << 20,
+            move_rate: DEFAULT_MOVE_RATE,
         }
     }
 }

@@ -20,9 +20,10 @@ use crate::keyspace::Span;
 use crate::node::Node;
 use crate::store::{Page, ScanRequest, Store, Tap, WriteOp};
 
-/// Entries and bytes per page of the copy.
+/// Entries and bytes per page of the copy: small enough that applying one
+/// does not hold up the requests around it for long.
 const COPY_PAGE_KEYS: usize = 1024;
-const COPY_PAGE_BYTES: usize = 1 << 20;
+const COPY_PAGE_BYTES: usize = 256 << 10;
 /// Tapped writes and bytes per batch of the catch-up.
 const WRITES_PAGE_KEYS: usize = 1024;
 const WRITES_PAGE_BYTES: usize = 1 << 20;
@@ -376,6 +377,9 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
     let store = node.store().map_err(|e| e.to_string())?.clone();
     let addr = target_addr(&out.spec).map_err(|e| e.to_string())?;
     let mut after: Option<String> = None;
+    let rate = node.settings().move_rate;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
     loop {
         let page = read_page(
             &store,
@@ -409,6 +413,12 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
         out.keys_copied.fetch_add(keys, Ordering::Relaxed);
         out.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
         node.metrics.moved(keys, bytes);
+        sent += bytes;
+        if rate > 0 && !last {
+            // Paced: the next page leaves when the bytes so far are due.
+            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
+        }
         if last {
             out.copy_done.store(true, Ordering::Relaxed);
             info!(
@@ -774,6 +784,10 @@ pub(crate) async fn delete_span(store: &Arc<dyn Store>, span: &Span) -> Result<(
             .map(|e| WriteOp::Delete(e.key))
             .collect();
         store.write(ops).await?;
+        // The memory engine is never pending: without this, a range of a
+        // million keys would be deleted without letting another request
+        // run on this worker.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -400,3 +400,44 @@ async fn killing_the_target_the_source_or_the_driver_mid_move_loses_nothing() {
     check_preloaded(&client, &nodes[2].url(), &keys).await;
     check_ownership(&client, &[&nodes[0], &nodes[1], &nodes[2]]).await;
 }
+
+/// The copy of a move is paced by the source's `--move-rate`: 2 MiB at
+/// 1 MiB/s cannot take less than about a second and a half (a lower bound,
+/// which a slow machine cannot break), and every key arrives.
+#[tokio::test]
+async fn a_move_is_paced_by_the_sources_move_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let mut nodes = start_nodes(dir.path(), &[0, 1], &config).await;
+    nodes[0].arg("--move-rate").arg("1048576");
+    layout(
+        &config,
+        &[(0, &nodes[0], "", Some("m")), (1, &nodes[1], "n", None)],
+    );
+    for node in &mut nodes {
+        node.start().await;
+    }
+    let client = Client::new();
+    let value = "v".repeat(32 << 10);
+    for i in 0..64 {
+        let put = client
+            .put(&nodes[0].url(), &format!("h{i:03}"), &value)
+            .await;
+        assert_eq!(put.status, StatusCode::NO_CONTENT);
+    }
+    let target = dir.path().join("target.yaml");
+    layout(
+        &target,
+        &[(0, &nodes[0], "", Some("g")), (1, &nodes[1], "h", None)],
+    );
+    let started = Instant::now();
+    let run = cavi_reshard(&nodes[0], &target, &[]).await;
+    let took = started.elapsed();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        took >= Duration::from_millis(1500),
+        "2 MiB moved in {took:?} at 1 MiB/s"
+    );
+    let view = cluster(&client, &nodes[1]).await;
+    assert_eq!(view["keys"], 64);
+}

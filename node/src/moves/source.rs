@@ -23,7 +23,7 @@ use crate::store::{Page, ScanRequest, Store, Tap, WriteOp};
 /// Entries and bytes per page of the copy: small enough that applying one
 /// does not hold up the requests around it for long.
 const COPY_PAGE_KEYS: usize = 1024;
-const COPY_PAGE_BYTES: usize = 256 << 10;
+const COPY_PAGE_BYTES: usize = 64 << 10;
 /// Tapped writes and bytes per batch of the catch-up.
 const WRITES_PAGE_KEYS: usize = 1024;
 const WRITES_PAGE_BYTES: usize = 1 << 20;

@@ -31,8 +31,9 @@ pub struct Settings {
     pub move_rate: u64,
 }
 
-/// 48 MiB/s: on one shared core, foreground requests keep about three
-/// quarters of their throughput during a move (bench/run.sh).
+/// 48 MiB/s: with both nodes and the load on one core, foreground
+/// requests kept 0.56-0.79x of their throughput during a move in
+/// bench/run.sh, against 0.36x unpaced.
 pub const DEFAULT_MOVE_RATE: u64 = 48 << 20;
 
 impl Default for Settings {

@@ -134,17 +134,20 @@ ceiling_rps=$rps
 measured "HTTP ceiling (bare axum, constant)"
 stop "$last_pid"
 
+# two_ranges END START: a layout of shard 0 on a..END at $p0 and shard 1 on
+# START..z at $p1.
+two_ranges() {
+  printf 'shards:\n  - { id: 0, addr: "127.0.0.1:%s", range_start: "a", range_end: "%s" }\n' "$p0" "$1"
+  printf '  - { id: 1, addr: "127.0.0.1:%s", range_start: "%s", range_end: "z" }\n' "$p1" "$2"
+}
+
 # --- CAVI in memory, two shards ------------------------------------------
 # two_shards BINARY LABEL [TARGETS]: local and forwarded GET, PUT and a
 # 2-shard search of one build; sets two_local two_fwd two_put.
 two_shards() {
   local bin=$1 label=$2 targets=${3:-}
   p0=$(free_port); p1=$(free_port)
-  cat >"$work/two.yaml" <<EOF
-shards:
-  - { id: 0, addr: "127.0.0.1:$p0", range_start: "a", range_end: "m" }
-  - { id: 1, addr: "127.0.0.1:$p1", range_start: "n", range_end: "z" }
-EOF
+  two_ranges m n >"$work/two.yaml"
   serve two "$bin" all "$work/two.yaml"
   local pid=$last_pid
   wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
@@ -214,11 +217,7 @@ fi
 
 # --- cavi load: routed to owners vs through one entry node ---------------
 p0=$(free_port); p1=$(free_port)
-cat >"$work/two.yaml" <<EOF
-shards:
-  - { id: 0, addr: "127.0.0.1:$p0", range_start: "a", range_end: "m" }
-  - { id: 1, addr: "127.0.0.1:$p1", range_start: "n", range_end: "z" }
-EOF
+two_ranges m n >"$work/two.yaml"
 # Keys alternate between the two shards; 100-byte values.
 awk -v n="$LOAD_KEYS" 'BEGIN {
   v = sprintf("%100s", ""); gsub(/ /, "v", v)
@@ -253,10 +252,6 @@ row "cavi load, routed (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_se
 # source), then moves it back while wrk PUTs them (shard 0 is then the
 # target). Each is compared with the same wrk run before any move.
 p0=$(free_port); p1=$(free_port)
-two_ranges() {
-  printf 'shards:\n  - { id: 0, addr: "127.0.0.1:%s", range_start: "a", range_end: "%s" }\n' "$p0" "$1"
-  printf '  - { id: 1, addr: "127.0.0.1:%s", range_start: "%s", range_end: "z" }\n' "$p1" "$2"
-}
 two_ranges m n >"$work/move-before.yaml"
 two_ranges g h >"$work/move-after.yaml"
 serve move "$NODE" all "$work/move-before.yaml" ${BENCH_MOVE_RATE:+--move-rate "$BENCH_MOVE_RATE"}

@@ -117,18 +117,24 @@ async fn start_nodes(dir: &Path, ids: &[u32], config: &Path) -> Vec<NodeProc> {
     nodes
 }
 
+/// Writes the layout `a..m` on node 0, `n..` on node 1 (any other node is
+/// unassigned) and starts every node.
+async fn start_in_two_ranges(config: &Path, nodes: &mut [NodeProc]) {
+    layout(
+        config,
+        &[(0, &nodes[0], "", Some("m")), (1, &nodes[1], "n", None)],
+    );
+    for node in nodes {
+        node.start().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn split_move_a_boundary_and_merge_under_load_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yaml");
     let mut nodes = start_nodes(dir.path(), &[0, 1, 2], &config).await;
-    layout(
-        &config,
-        &[(0, &nodes[0], "", Some("m")), (1, &nodes[1], "n", None)],
-    );
-    for node in &mut nodes {
-        node.start().await;
-    }
+    start_in_two_ranges(&config, &mut nodes).await;
     let client = Client::new();
     // Shard 2 is not in the config: it owns nothing and forwards.
     let view = cluster(&client, &nodes[2]).await;
@@ -266,18 +272,12 @@ async fn killing_the_target_the_source_or_the_driver_mid_move_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yaml");
     let mut nodes = start_nodes(dir.path(), &[0, 1, 2], &config).await;
-    layout(
-        &config,
-        &[(0, &nodes[0], "", Some("m")), (1, &nodes[1], "n", None)],
-    );
     // Every page the target writes takes a while: the copy lasts long
     // enough to be killed in the middle.
     for node in &mut nodes {
         node.env("CAVI_DEBUG_COMMIT_DELAY_MS", "150");
     }
-    for node in &mut nodes {
-        node.start().await;
-    }
+    start_in_two_ranges(&config, &mut nodes).await;
     let client = Client::new();
     let keys = preload(&client, &nodes[0].url(), "ghknpqr", 300).await;
     let urls: Vec<String> = nodes.iter().map(NodeProc::url).collect();
@@ -410,13 +410,7 @@ async fn a_move_is_paced_by_the_sources_move_rate() {
     let config = dir.path().join("config.yaml");
     let mut nodes = start_nodes(dir.path(), &[0, 1], &config).await;
     nodes[0].arg("--move-rate").arg("1048576");
-    layout(
-        &config,
-        &[(0, &nodes[0], "", Some("m")), (1, &nodes[1], "n", None)],
-    );
-    for node in &mut nodes {
-        node.start().await;
-    }
+    start_in_two_ranges(&config, &mut nodes).await;
     let client = Client::new();
     let value = "v".repeat(32 << 10);
     for i in 0..64 {

@@ -12,17 +12,10 @@ use cavi_node::testkit::{Cluster, SEED};
 
 /// Key operations node `i` forwarded to a peer, by its `/metrics`.
 async fn forwarded(c: &Cluster, i: usize) -> u64 {
-    let text = c
-        .client
-        .http
-        .get(format!("{}/metrics", c.url(i)))
-        .send()
+    c.client
+        .metrics(&c.url(i))
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .filter(|l| l.starts_with("cavi_peer_requests_total{") && l.contains("kind=\"kv\""))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
         .sum()

@@ -493,15 +493,7 @@ async fn counts(c: &Client, url: &str) -> (u64, u64) {
 }
 
 async fn metric(c: &Client, url: &str, name: &str) -> u64 {
-    let text = c
-        .http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = c.metrics(url).await;
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
         .and_then(|v| v.trim().parse::<f64>().ok())

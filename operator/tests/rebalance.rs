@@ -454,16 +454,7 @@ async fn a_memory_rollout_hands_each_pods_ranges_over_before_it_restarts() {
         let new = template_hash(&rig.stateful_set());
         let partition = rig.partition();
         for o in [1u32, 0] {
-            let running = rig
-                .ctx
-                .stores
-                .pods
-                .state()
-                .into_iter()
-                .find(|p| p.metadata.name.as_deref() == Some(&format!("demo-{o}")))
-                .unwrap();
-            let hash =
-                running.metadata.annotations.as_ref().unwrap()["cavi.dev/template-hash"].clone();
+            let hash = running_hash(&rig.ctx, "demo", o);
             if (o as i32) >= partition && hash != new {
                 // The StatefulSet controller restarts it: a Memory pod comes
                 // back empty. It must own nothing by now.

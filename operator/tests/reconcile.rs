@@ -402,14 +402,7 @@ async fn a_template_change_rolls_one_ordinal_at_a_time_and_status_says_how_far()
         // The StatefulSet controller restarts what the partition allows:
         // first down (not ready), then up with the new template.
         for o in 0..3u32 {
-            let p = ctx
-                .stores
-                .pods
-                .state()
-                .into_iter()
-                .find(|p| p.metadata.name.as_deref() == Some(&format!("demo-{o}")))
-                .unwrap();
-            let hash = p.metadata.annotations.as_ref().unwrap()["cavi.dev/template-hash"].clone();
+            let hash = running_hash(&ctx, "demo", o);
             if i32::try_from(o).unwrap() >= partition && hash != new {
                 put(&mut writers.pods, pod("demo", o, &new, false));
                 assert!(

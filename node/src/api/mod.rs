@@ -116,34 +116,30 @@ impl App {
     /// `GET`, `PUT` or `DELETE` of one key, answered without the router:
     /// they are nearly every request, and routing them (matching, path
     /// parameters, extensions, boxed services) cost more than the rest of
-    /// a GET. The same extractors and the same dispatch as the routes
+    /// a GET. The same extractors and the same handlers as the routes
     /// `/kv/{key}` and `/kv`, which still serve anything else (`HEAD`, a
     /// refused method).
     async fn key_request(&self, req: Request<Incoming>) -> Response {
         let (mut parts, body) = req.into_parts();
         let node = &self.node;
         let key = match Key::from_request_parts(&mut parts, node).await {
-            Ok(Key(key)) => key,
+            Ok(key) => key,
             Err(e) => return e.into_response(),
         };
         let Ok(caller) = Caller::from_request_parts(&mut parts, node).await;
-        let op = match parts.method {
-            Method::GET => KvOp::Get,
-            Method::DELETE => KvOp::Delete,
+        let state = State(node.clone());
+        let answer = match parts.method {
+            Method::GET => get_key(state, key, caller).await,
+            Method::DELETE => delete_key(state, key, caller).await,
             _ => {
                 let req = Request::from_parts(parts, Body::new(body));
                 match PutBody::from_request(req, node).await {
-                    Ok(body) => KvOp::Put {
-                        value: body.value,
-                        body: body.raw,
-                    },
-                    Err(e) => return e.into_response(),
+                    Ok(body) => put_key(state, key, caller, body).await,
+                    Err(e) => Err(e),
                 }
             }
         };
-        node.execute(&key, op, &caller)
-            .await
-            .unwrap_or_else(IntoResponse::into_response)
+        answer.into_response()
     }
 }
 

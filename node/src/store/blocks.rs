@@ -138,19 +138,16 @@ impl Blocks {
         self.len
     }
 
-    /// The bound of the block that holds (or would hold) `key`.
-    fn bound_of(&self, key: &[u8]) -> Option<&[u8]> {
+    /// The block that holds (or would hold) `key`, with its bound.
+    fn block_of(&self, key: &[u8]) -> Option<(&[u8], &[u8])> {
         self.tree
             .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
             .next_back()
-            .map(|(bound, _)| &**bound)
+            .map(|(bound, block)| (&**bound, block.as_slice()))
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        let (_, block) = self
-            .tree
-            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
-            .next_back()?;
+        let (_, block) = self.block_of(key)?;
         match seek(block, key) {
             Some((slot, true)) => Some(slot.value),
             _ => None,
@@ -163,8 +160,11 @@ impl Blocks {
         if self.tree.is_empty() {
             self.tree.insert(Box::default(), Vec::new());
         }
-        let bound: Box<[u8]> = self.bound_of(key).unwrap_or_default().into();
-        let block = self.tree.get_mut(&bound)?;
+        // The first block's bound is empty, so every key has a block.
+        let (bound, block) = self
+            .tree
+            .range_mut::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()?;
         let mut entry = Vec::with_capacity(
             varint_len(key.len()) + varint_len(value.len()) + key.len() + value.len(),
         );
@@ -196,6 +196,7 @@ impl Blocks {
             }
         };
         if block.len() > MAX_BLOCK {
+            let bound = bound.clone();
             self.split(bound, Some(at));
         }
         replaced
@@ -245,8 +246,10 @@ impl Blocks {
 
     /// Removes `key`; the key and value bytes of what it held, if any.
     pub fn remove(&mut self, key: &[u8]) -> Option<usize> {
-        let bound: Box<[u8]> = self.bound_of(key)?.into();
-        let block = self.tree.get_mut(&bound)?;
+        let (bound, block) = self
+            .tree
+            .range_mut::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()?;
         let (start, end, size) = match seek(block, key)? {
             (slot, true) => (slot.start, slot.end, slot.key.len() + slot.value.len()),
             (_, false) => return None,
@@ -257,6 +260,7 @@ impl Blocks {
         }
         self.len -= 1;
         if block.len() < MIN_BLOCK {
+            let bound = bound.clone();
             self.absorb(&bound);
         }
         Some(size)
@@ -298,7 +302,7 @@ impl Blocks {
             Bound::Included(k) | Bound::Excluded(k) => k,
             Bound::Unbounded => &[],
         };
-        let first = self.bound_of(start).unwrap_or_default();
+        let first = self.block_of(start).map_or(&[][..], |(bound, _)| bound);
         self.tree
             .range::<[u8], _>((Bound::Included(first), Bound::Unbounded))
             .flat_map(|(_, block)| slots(block, 0))
@@ -373,24 +377,14 @@ mod tests {
             let expected: Vec<_> = model.iter().map(|(k, v)| (&k[..], &v[..])).collect();
             assert_eq!(all, expected);
             for probe in [&b""[..], b"a", b"ab", b"b\xff", b"c", b"\xff\xff"] {
-                let got: Vec<_> = blocks
-                    .range(Bound::Excluded(probe))
-                    .map(|(k, _)| k)
-                    .collect();
-                let want: Vec<_> = model
-                    .range::<[u8], _>((Bound::Excluded(probe), Bound::Unbounded))
-                    .map(|(k, _)| &k[..])
-                    .collect();
-                assert_eq!(got, want);
-                let got: Vec<_> = blocks
-                    .range(Bound::Included(probe))
-                    .map(|(k, _)| k)
-                    .collect();
-                let want: Vec<_> = model
-                    .range::<[u8], _>((Bound::Included(probe), Bound::Unbounded))
-                    .map(|(k, _)| &k[..])
-                    .collect();
-                assert_eq!(got, want);
+                for from in [Bound::Excluded(probe), Bound::Included(probe)] {
+                    let got: Vec<_> = blocks.range(from).map(|(k, _)| k).collect();
+                    let want: Vec<_> = model
+                        .range::<[u8], _>((from, Bound::Unbounded))
+                        .map(|(k, _)| &k[..])
+                        .collect();
+                    assert_eq!(got, want, "{from:?}");
+                }
             }
             for (bound, block) in &blocks.tree {
                 assert!(block.len() <= MAX_BLOCK || slots(block, 0).count() == 1);

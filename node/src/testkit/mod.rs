@@ -114,7 +114,6 @@ pub fn spawn_node(
     id: u32,
     settings: Settings,
 ) -> TestNode {
-    let addr = listener.local_addr().unwrap();
     let node = Arc::new(
         Node::new(
             ShardMap::from_config(&config),
@@ -124,6 +123,12 @@ pub fn spawn_node(
         )
         .unwrap(),
     );
+    serving(listener, node)
+}
+
+/// Serves `node` on `listener` until the returned handle is stopped.
+fn serving(listener: TcpListener, node: Arc<Node>) -> TestNode {
+    let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(serve(
         listener,
@@ -159,26 +164,11 @@ pub async fn spawn_node_booted(
     id: u32,
     settings: Settings,
 ) -> TestNode {
-    let addr = listener.local_addr().unwrap();
     let node = Arc::new(Node::starting(ShardMap::from_config(&config), id, settings).unwrap());
     node.attach_store(Arc::new(MemoryStore::new()));
     crate::boot::catch_up(&node, Duration::from_secs(1)).await;
     node.set_started();
-    let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(serve(
-        listener,
-        node.clone(),
-        async move {
-            let _ = rx.await;
-        },
-        ServeOptions::default(),
-    ));
-    TestNode {
-        addr,
-        node,
-        stop: Some(tx),
-        handle: Some(handle),
-    }
+    serving(listener, node)
 }
 
 /// What stands at a shard's address.
@@ -450,5 +440,17 @@ impl Client {
     pub async fn search(&self, base: &str, query: &str) -> Answer {
         self.send(self.http.get(format!("{base}/search?{query}")))
             .await
+    }
+
+    /// The node's `/metrics` text.
+    pub async fn metrics(&self, base: &str) -> String {
+        let r = self
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.text().await.unwrap()
     }
 }

@@ -476,6 +476,17 @@ spec:
         Children::of_spec(cluster, "shop", &BuildOptions::default()).unwrap()
     }
 
+    /// The pod template's spec of `cluster`'s StatefulSet.
+    pub(super) fn pod_spec(cluster: &CaviCluster) -> k8s_openapi::api::core::v1::PodSpec {
+        children(cluster)
+            .stateful_set
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+    }
+
     pub(super) fn expected_labels() -> BTreeMap<String, String> {
         BTreeMap::from([
             ("app.kubernetes.io/name".to_owned(), "cavi".to_owned()),

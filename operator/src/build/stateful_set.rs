@@ -377,13 +377,7 @@ mod tests {
             .as_mut()
             .unwrap()
             .topology_spread_constraints = Some(vec![]);
-        let pod = children(&own)
-            .stateful_set
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap();
+        let pod = pod_spec(&own);
         assert_eq!(pod.topology_spread_constraints, Some(vec![]));
     }
 
@@ -500,13 +494,7 @@ mod tests {
 
         let mut bare = demo();
         bare.spec.placement = None;
-        let pod = children(&bare)
-            .stateful_set
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap();
+        let pod = pod_spec(&bare);
         // Empty lists and maps are left out, so the API server's copy
         // (which drops them) still matches.
         assert_eq!(pod.node_selector, None);

@@ -184,13 +184,7 @@ spec:
 
     #[test]
     fn persistent_storage_mounts_the_volume_at_the_data_dir() {
-        let pod = children(&persistent())
-            .stateful_set
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap();
+        let pod = pod_spec(&persistent());
         let container = &pod.containers[0];
         assert_eq!(
             container.args.as_deref(),

@@ -164,6 +164,20 @@ pub fn pod(cluster: &str, ordinal: u32, hash: &str, ready: bool) -> Pod {
 }
 
 /// The template hash a StatefulSet's pods get.
+/// The template hash of the running pod `<cluster>-<ordinal>`, as the
+/// operator's pod store sees it.
+pub fn running_hash(ctx: &Context, cluster: &str, ordinal: u32) -> String {
+    let name = format!("{cluster}-{ordinal}");
+    let pod = ctx
+        .stores
+        .pods
+        .state()
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name.as_str()))
+        .unwrap();
+    pod.metadata.annotations.as_ref().unwrap()["cavi.dev/template-hash"].clone()
+}
+
 pub fn template_hash(sts: &StatefulSet) -> String {
     sts.spec
         .as_ref()

@@ -291,7 +291,10 @@ async fn reshard(
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into());
     let driver = Driver::new(format!("cavi@{host}/{}", std::process::id()), lock_ttl);
-    let epoch = reshard::drive(client, &target, &driver, Duration::from_millis(200), note)
+    // A step that changed nothing is asked again soon: a poll is a few
+    // small requests, and a move that finished waits at most this long
+    // for its commit or for the end of its clean-up.
+    let epoch = reshard::drive(client, &target, &driver, Duration::from_millis(50), note)
         .await
         .map_err(|e| ClientError::Reshard(e.to_string()))?;
     note(&format!(

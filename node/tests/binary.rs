@@ -61,6 +61,11 @@ async fn all_serves_every_shard_from_one_process() {
     let c = Client::new();
     assert_eq!(c.put(&u0, "nut", "n").await.status, StatusCode::NO_CONTENT);
     assert_eq!(c.get(&u1, "nut").await.body, "n");
+    // Huge pages are off for the process (see `cli::avoid_huge_pages`).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", all.id())).unwrap();
+    if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    }
     all.signal("TERM");
     let (ok, stderr) = all.finish();
     assert!(ok, "exit after SIGTERM should be clean: {stderr}");

@@ -17,6 +17,8 @@ use crate::Client;
 /// Steps failing in a row (a node restarting, a fence that timed out)
 /// before a driven reshard gives up; running it again picks up from there.
 const MAX_FAILED_STEPS: u32 = 5;
+/// The first wait after a failed step; it doubles with each failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Drives the cluster behind `entry` to exactly `target`, reporting
 /// progress as sentences; returns the epoch at which every node serves it.
@@ -64,7 +66,7 @@ async fn drive_steps(
             Err(e) if e.is_transient() && failures < MAX_FAILED_STEPS => {
                 failures += 1;
                 report(&format!("{e}; trying again"));
-                tokio::time::sleep(poll * 2u32.pow(failures)).await;
+                tokio::time::sleep(FIRST_BACKOFF * 2u32.pow(failures)).await;
             }
             Err(e) => return Err(e),
         }

@@ -23,7 +23,9 @@ use crate::store::{Page, ScanRequest, Store, Tap, WriteOp};
 /// Entries and bytes per page of the copy: small enough that applying one
 /// does not hold up the requests around it for long.
 const COPY_PAGE_KEYS: usize = 1024;
-const COPY_PAGE_BYTES: usize = 64 << 10;
+const COPY_PAGE_BYTES: usize = 256 << 10;
+/// Keys per page of the clean-up after a move.
+const DELETE_PAGE_KEYS: usize = 512;
 /// Tapped writes and bytes per batch of the catch-up.
 const WRITES_PAGE_KEYS: usize = 1024;
 const WRITES_PAGE_BYTES: usize = 1 << 20;
@@ -771,19 +773,27 @@ async fn clean_up(node: Arc<Node>, out: Arc<Outgoing>) {
     info!(id = %out.spec.id, "moved range cleaned up");
 }
 
-/// Deletes every key of `span`, a page at a time.
+/// Deletes every key of `span`, a page of keys at a time (values are not
+/// read: a page of them cost as much as the delete).
 pub(crate) async fn delete_span(store: &Arc<dyn Store>, span: &Span) -> Result<(), ApiError> {
     loop {
-        let page = read_page(store, span, None, COPY_PAGE_KEYS, COPY_PAGE_BYTES).await?;
-        if page.entries.is_empty() {
+        let keys = {
+            let (engine, span) = (store.clone(), span.clone());
+            let keys = move || engine.keys(&span, DELETE_PAGE_KEYS);
+            if store.reads_block() {
+                tokio::task::spawn_blocking(keys)
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("scan task failed: {e}")))??
+            } else {
+                keys()?
+            }
+        };
+        if keys.is_empty() {
             return Ok(());
         }
-        let ops = page
-            .entries
-            .into_iter()
-            .map(|e| WriteOp::Delete(e.key))
-            .collect();
-        store.write(ops).await?;
+        store
+            .write(keys.into_iter().map(WriteOp::Delete).collect())
+            .await?;
         // The memory engine is never pending: without this, a range of a
         // million keys would be deleted without letting another request
         // run on this worker.

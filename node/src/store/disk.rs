@@ -682,6 +682,23 @@ impl Store for DiskStore {
         Ok(page)
     }
 
+    fn keys(&self, span: &Span, limit: usize) -> Result<Vec<String>, StoreError> {
+        let engine = self.shared.engine()?;
+        let range = (
+            std::ops::Bound::Included(span.start.clone()),
+            std::ops::Bound::Unbounded::<Vec<u8>>,
+        );
+        let mut keys = Vec::new();
+        for item in engine.data.range(range).take(limit) {
+            let k = item.key().map_err(|e| read_error(&e))?;
+            if !span.contains(&k) {
+                break;
+            }
+            keys.push(utf8(&k)?.to_owned());
+        }
+        Ok(keys)
+    }
+
     fn count(&self, span: &Span) -> Result<u64, StoreError> {
         let engine = self.shared.engine()?;
         let range = (
@@ -802,6 +819,18 @@ mod tests {
         assert_eq!(get(&s, "apple").as_deref(), Some("1"));
         assert_eq!(get(&s, "avocado"), None);
         assert_eq!(all_keys(&s), ["apple", "banana"]);
+    }
+
+    #[tokio::test]
+    async fn keys_of_a_span_stop_at_its_end_and_at_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        for k in ["a", "fb", "fc", "fz", "g"] {
+            s.put(k, "value").await.expect("put");
+        }
+        let span = Span::from(&KeyRange::new("fb", Some("fz")));
+        assert_eq!(s.keys(&span, 10).expect("keys"), ["fb", "fc", "fz"]);
+        assert_eq!(s.keys(&span, 2).expect("keys"), ["fb", "fc"]);
     }
 
     #[tokio::test]

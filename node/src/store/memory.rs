@@ -156,6 +156,17 @@ impl Store for MemoryStore {
         Ok(page)
     }
 
+    fn keys(&self, span: &Span, limit: usize) -> Result<Vec<String>, StoreError> {
+        let inner = self.read_set();
+        inner
+            .set
+            .range(Bound::Included(span.start.as_slice()))
+            .take_while(|(key, _)| span.contains(key))
+            .take(limit)
+            .map(|(key, _)| text(key).map(str::to_owned))
+            .collect()
+    }
+
     fn count(&self, span: &Span) -> Result<u64, StoreError> {
         let inner = self.read_set();
         let n = inner
@@ -271,6 +282,8 @@ mod tests {
         let span = Span::from(&KeyRange::new("fb", Some("fz")));
         assert_eq!(keys(&s, "", &span, None, 10).0, ["fb", "fz"]);
         assert_eq!(s.count(&span).expect("count"), 2);
+        assert_eq!(s.keys(&span, 10).expect("keys"), ["fb", "fz"]);
+        assert_eq!(s.keys(&span, 1).expect("keys"), ["fb"]);
     }
 
     #[test]

@@ -143,6 +143,10 @@ pub trait Store: Send + Sync + 'static {
 
     fn scan(&self, request: &ScanRequest<'_>) -> Result<Page, StoreError>;
 
+    /// The first `limit` keys held in `span`, without their values: what
+    /// deleting a range needs.
+    fn keys(&self, span: &Span, limit: usize) -> Result<Vec<String>, StoreError>;
+
     /// Keys held in `span`.
     fn count(&self, span: &Span) -> Result<u64, StoreError>;
 

@@ -37,8 +37,8 @@ pub struct SearchAnswer {
 }
 
 #[derive(Serialize)]
-struct PutRequest<'a> {
-    value: &'a str,
+pub(crate) struct PutRequest<'a> {
+    pub value: &'a str,
 }
 
 /// A typed client for one node's HTTP API. Cheap to clone: clones share
@@ -72,6 +72,11 @@ impl Client {
         &self.base
     }
 
+    /// `host:port` of the endpoint.
+    pub fn addr(&self) -> &str {
+        self.base.strip_prefix("http://").unwrap_or(&self.base)
+    }
+
     /// The longest wait for one answer.
     pub fn timeout(&self) -> Duration {
         self.timeout
@@ -91,12 +96,7 @@ impl Client {
     /// segment, or `/kv?key=` for `.` and `..`, which URL libraries would
     /// otherwise rewrite as dot segments.
     pub fn key_url(&self, key: &str) -> String {
-        let escaped = utf8_percent_encode(key, URL_ESCAPE);
-        if key == "." || key == ".." {
-            format!("{}/kv?key={escaped}", self.base)
-        } else {
-            format!("{}/kv/{escaped}", self.base)
-        }
+        format!("{}{}", self.base, key_path(key))
     }
 
     /// The value of `key`; a missing key is the server's `404` sentence.
@@ -361,6 +361,17 @@ impl Client {
             endpoint: self.base.clone(),
             reason,
         }
+    }
+}
+
+/// The path of `key` under `/kv`: `.` and `..` go in the query, where no
+/// URL normalisation removes them.
+pub(crate) fn key_path(key: &str) -> String {
+    let escaped = utf8_percent_encode(key, URL_ESCAPE);
+    if key == "." || key == ".." {
+        format!("/kv?key={escaped}")
+    } else {
+        format!("/kv/{escaped}")
     }
 }
 

@@ -151,6 +151,28 @@ impl Router {
         }
     }
 
+    /// The `host:port` that `key` goes to: its owner's by the map, or the
+    /// entry node's.
+    pub async fn addr_for(&self, key: &str) -> String {
+        if self.direct {
+            if self.map().is_none() {
+                self.refresh(&self.entry, None).await;
+            }
+            if let Some(owner) = self.map().as_deref().and_then(|m| m.owner_of(key)) {
+                return owner.addr.clone();
+            }
+        }
+        self.entry.addr().to_owned()
+    }
+
+    /// An answer named map epoch `epoch`: fetch the map if that is newer
+    /// than the one held.
+    pub async fn saw_epoch(&self, epoch: u64) {
+        if self.direct && self.map().is_some_and(|m| m.epoch < epoch) {
+            self.refresh(&self.entry, Some(epoch)).await;
+        }
+    }
+
     /// The node to ask for `key`: its owner by the map, or the entry node.
     async fn node_for(&self, key: &str) -> Client {
         if !self.direct {

@@ -8,7 +8,7 @@
 //! key. The report says how many keys were loaded and which line failed.
 //!
 //! Records are queued by the shard that owns them and go out in pipelined
-//! batches ([`crate::pipeline`]), oldest record first.
+//! batches (the `pipeline` module), oldest record first.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};

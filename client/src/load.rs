@@ -508,15 +508,14 @@ pub async fn load(
     let (mut reading, mut sending) = (true, true);
     let mut pending: VecDeque<Result<Record, ClientError>> = VecDeque::new();
     loop {
-        while sending {
-            match pending.pop_front() {
-                None => break,
-                Some(Err(e)) => {
+        while let Some(item) = pending.pop_front().filter(|_| sending) {
+            match item {
+                Err(e) => {
                     keep(e, &mut error);
                     reading = false;
                     pending.clear();
                 }
-                Some(Ok(record)) => {
+                Ok(record) => {
                     let addr = client.addr_for(&record.key).await;
                     queues.entry(addr).or_default().push(record);
                     queued += 1;

@@ -39,8 +39,9 @@ pub struct Answers {
 pub struct Connection {
     stream: TcpStream,
     host: String,
-    /// Bytes read past the last answer taken.
+    /// Bytes read; answers before `taken` were handed out.
     read: Vec<u8>,
+    taken: usize,
     out: Vec<u8>,
     body: Vec<u8>,
     /// Whether the connection can take another batch.
@@ -52,12 +53,15 @@ impl Connection {
     pub async fn open(host: &str, timeout: Duration) -> std::io::Result<Self> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(host))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
         stream.set_nodelay(true)?;
         Ok(Self {
             stream,
             host: host.to_owned(),
             read: Vec::with_capacity(8 << 10),
+            taken: 0,
             out: Vec::new(),
             body: Vec::new(),
             open: true,
@@ -118,10 +122,12 @@ impl Connection {
     /// Reads one whole answer off the connection.
     async fn next_answer(&mut self) -> std::io::Result<Answer> {
         loop {
-            if let Some((answer, used)) = parse(&self.read)? {
-                self.read.drain(..used);
+            if let Some((answer, used)) = parse(&self.read[self.taken..])? {
+                self.taken += used;
                 return Ok(answer);
             }
+            self.read.drain(..self.taken);
+            self.taken = 0;
             if self.read.len() > MAX_HEAD + (64 << 20) {
                 return Err(invalid("an answer too large for a PUT"));
             }
@@ -198,6 +204,7 @@ fn parse(buf: &[u8]) -> std::io::Result<Option<(Answer, usize)>> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -248,7 +255,9 @@ mod tests {
                 value: format!("v\"{i}"),
             })
             .collect();
-        let mut conn = Connection::open(&addr, Duration::from_secs(5)).await.unwrap();
+        let mut conn = Connection::open(&addr, Duration::from_secs(5))
+            .await
+            .unwrap();
         let answers = conn.put_all(&records, Duration::from_secs(5)).await;
         assert_eq!(answers.stored, [true, true, true, false, false]);
         assert_eq!(answers.epoch, Some(7));
@@ -263,9 +272,11 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
         assert!(parse(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
-        let close = parse(b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let close = parse(
+            b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
         assert!(close.0.close);
     }
 }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod moves;
 pub mod node;
 pub mod peers;
+pub mod pipe;
 pub mod search;
 pub mod server;
 pub mod settings;

@@ -3,6 +3,7 @@
 //! `x-cavi-forwarded` and `x-cavi-epoch` headers on every request, so a
 //! receiver never forwards it again and whoever is behind can tell.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -17,6 +18,7 @@ use serde::de::DeserializeOwned;
 
 use crate::keyspace::KeyRange;
 use crate::moves::{Batch, CommitRequest, Outcome};
+use crate::pipe::{PipeError, Pipes};
 use crate::settings::Settings;
 use crate::shard_map::ShardMap;
 use crate::store::Page;
@@ -117,8 +119,10 @@ pub struct PageQuery<'a> {
 
 #[derive(Debug, Clone)]
 pub struct PeerClient {
-    /// Forwarded key operations and search pages, the hot paths: hyper's
-    /// pooled client with no URL parsing, redirect or retry layers.
+    /// Forwarded reads: pipelined connections ([`crate::pipe`]).
+    reads: Arc<Pipes>,
+    /// Forwarded writes and search pages: hyper's pooled client with no
+    /// URL parsing, redirect or retry layers.
     hop: HyperClient<HttpConnector, Full<Bytes>>,
     /// Everything else (maps, moves): the rare calls, where reqwest's
     /// conveniences cost nothing that matters.
@@ -145,6 +149,10 @@ impl PeerClient {
             .timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Ok(Self {
+            reads: Arc::new(Pipes::new(
+                settings.peer_connect_timeout,
+                settings.peer_request_timeout,
+            )),
             hop,
             http,
             sender: HeaderValue::from(sender_shard),
@@ -169,7 +177,7 @@ impl PeerClient {
         request_id: Option<&HeaderValue>,
     ) -> Result<Response, PeerError> {
         let (method, body) = match op {
-            KvOp::Get => (Method::GET, Bytes::new()),
+            KvOp::Get => return self.forward_read(addr, key, epoch, request_id).await,
             KvOp::Delete => (Method::DELETE, Bytes::new()),
             KvOp::Put { body, .. } => (Method::PUT, body.clone()),
         };
@@ -186,6 +194,61 @@ impl PeerClient {
         }
         if let Some(epoch) = parts.headers.get(EPOCH_HEADER) {
             response.headers_mut().insert(EPOCH_HEADER, epoch.clone());
+        }
+        Ok(response)
+    }
+
+    /// A forwarded GET, pipelined; once more on a fresh connection when
+    /// the connection closed under it (a GET is idempotent, and a peer may
+    /// close an idle connection just as a request leaves).
+    async fn forward_read(
+        &self,
+        addr: &str,
+        key: &str,
+        epoch: u64,
+        request_id: Option<&HeaderValue>,
+    ) -> Result<Response, PeerError> {
+        let mut request = Vec::with_capacity(160 + key.len());
+        request.extend_from_slice(b"GET /kv?key=");
+        for part in utf8_percent_encode(key, URL_ESCAPE) {
+            request.extend_from_slice(part.as_bytes());
+        }
+        request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        request.extend_from_slice(addr.as_bytes());
+        for (name, value) in [
+            (FORWARDED_HEADER.as_str(), Some(self.sender.as_bytes())),
+            (EPOCH_HEADER.as_str(), Some(epoch.to_string().as_bytes())),
+            (
+                REQUEST_ID_HEADER.as_str(),
+                request_id.map(HeaderValue::as_bytes),
+            ),
+        ] {
+            if let Some(value) = value {
+                request.extend_from_slice(b"\r\n");
+                request.extend_from_slice(name.as_bytes());
+                request.extend_from_slice(b": ");
+                request.extend_from_slice(value);
+            }
+        }
+        request.extend_from_slice(b"\r\n\r\n");
+        let answer = match self.reads.send(addr, request.clone()).await {
+            Err(PipeError::Closed) => self.reads.send(addr, request).await,
+            answer => answer,
+        };
+        let answer = answer.map_err(|e| match e {
+            PipeError::Connect(why) => PeerError::Unavailable(why),
+            PipeError::ConnectTimeout(t) => PeerError::ConnectTimeout(t),
+            PipeError::Closed => PeerError::Unavailable(e.to_string()),
+            PipeError::Timeout(t) => PeerError::Timeout(t),
+            PipeError::Bad(why) => PeerError::BadResponse(why),
+        })?;
+        let mut response = Response::new(Body::from(answer.body));
+        *response.status_mut() = answer.status;
+        if let Some(ct) = answer.content_type {
+            response.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        if let Some(epoch) = answer.epoch {
+            response.headers_mut().insert(EPOCH_HEADER, epoch);
         }
         Ok(response)
     }

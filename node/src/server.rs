@@ -142,6 +142,9 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
         .keep_alive(true)
+        // Answers to pipelined requests (forwarded reads) leave in one
+        // write instead of one each.
+        .pipeline_flush(true)
         .max_buf_size(256 * 1024);
 
     let stop = async {

@@ -76,6 +76,36 @@ async fn awkward_keys_round_trip_exactly_through_a_non_owner() {
     assert_eq!(searched.keys(), ["p/q", "p?q"]);
 }
 
+/// Forwarded GETs share pipelined connections to the owner: many at once
+/// must each get the answer to their own key, including misses and values
+/// of very different sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_forwarded_reads_each_get_their_own_answer() {
+    let c = Cluster::start(&SEED).await;
+    let value = |i: usize| format!("{i}:{}", "x".repeat((i * 7919) % 20_000));
+    for i in (0..300).filter(|i| i % 10 != 0) {
+        let put = c
+            .client
+            .put(&c.url(1), &format!("apple{i:03}"), &value(i))
+            .await;
+        assert_eq!(put.status, StatusCode::NO_CONTENT, "{put:?}");
+    }
+    // Every key is owned by shard 0 and read through shard 1.
+    let reads = (0..300).map(|i| {
+        let (client, url) = (c.client.clone(), c.url(1));
+        tokio::spawn(async move { (i, client.get(&url, &format!("apple{i:03}")).await) })
+    });
+    for read in futures::future::join_all(reads).await {
+        let (i, got) = read.unwrap();
+        if i % 10 == 0 {
+            assert_eq!(got.status, StatusCode::NOT_FOUND, "apple{i:03}: {got:?}");
+        } else {
+            assert_eq!(got.status, StatusCode::OK, "apple{i:03}: {got:?}");
+            assert_eq!(got.body, serde_json::json!(value(i)), "apple{i:03}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn nodes_whose_configs_disagree_answer_421_after_one_hop() {
     // Node A thinks B owns n..z; B thinks A does. Without loop prevention
@@ -163,6 +193,12 @@ async fn hung_peer_is_a_504_after_the_peer_timeout() {
     assert!(answer.error().contains("shard 1"));
     // Bounded by the peer timeout (800 ms), not the client's 30 s.
     assert!(took >= Duration::from_millis(800), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // A read takes the pipelined path: bounded the same way.
+    let started = Instant::now();
+    let answer = c.client.get(&c.url(0), "zebra").await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT, "{answer:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(
         c.client.get(&c.url(0), "apple").await.status,

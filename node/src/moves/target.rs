@@ -25,6 +25,9 @@ struct Record {
     spec: MoveSpec,
 }
 
+/// Entries of a copied page applied at once.
+const APPLY_SLICE: usize = 128;
+
 /// What arrived so far; batches are applied one at a time under it.
 struct Receive {
     /// Number of the next tapped write expected.
@@ -198,7 +201,17 @@ pub async fn batch(node: &Arc<Node>, id: &str, batch: Batch) -> Result<(), ApiEr
                     e.into_op()
                 })
                 .collect();
-            store.write(ops).await?;
+            // A slice at a time, other requests running in between: a
+            // whole page under the engine's write lock held up the
+            // foreground writes for all of it. A page half applied is
+            // applied again if the source sends it again.
+            let mut ops = ops.into_iter().peekable();
+            while ops.peek().is_some() {
+                store
+                    .write(ops.by_ref().take(APPLY_SLICE).collect())
+                    .await?;
+                tokio::task::yield_now().await;
+            }
             inc.keys_copied.fetch_add(keys, Ordering::Relaxed);
             inc.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
             if batch.last {

@@ -124,7 +124,8 @@ pub enum Command {
         /// Input format; default: from the file's extension.
         #[arg(long, value_enum)]
         format: Option<Format>,
-        /// Requests in flight at once (pipelined, up to 16 per connection).
+        /// Requests in flight at once (pipelined over a few connections per
+        /// shard).
         #[arg(long, default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=1024))]
         concurrency: u16,
     },

@@ -4,7 +4,6 @@
 //! - [`routing`]: each key straight to its owner by the live map;
 //! - [`reshard`]: the resharding planner and driver (the operator uses
 //!   them too);
-//! - `pipeline`: HTTP/1.1 pipelining for the PUTs of `cavi load`;
 //! - [`command`]: the `cavi` command line, built on it ([`cluster`],
 //!   [`load`] and [`table`] hold the bigger commands and their output).
 //!
@@ -17,7 +16,6 @@ pub mod cluster;
 pub mod command;
 mod error;
 pub mod load;
-mod pipeline;
 pub mod reshard;
 pub mod routing;
 pub mod table;

@@ -7,10 +7,13 @@
 //! acknowledged stays stored. The same happens when the server refuses a
 //! key. The report says how many keys were loaded and which line failed.
 //!
-//! Records are queued by the shard that owns them and go out in pipelined
-//! batches (the `pipeline` module), oldest record first.
+//! Each PUT goes to its owner over pipelined connections
+//! ([`cavi_node::pipe`]): the PUTs ready at one moment leave in one write.
+//! A PUT that does not come back `2xx` goes again the ordinary way, through
+//! the router, which retries, follows a newer map and turns the answer into
+//! a sentence. With `--concurrency 1` the records go one at a time, in order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,15 +25,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use cavi_node::pipe::{self, Pipes};
+
 use crate::ClientError;
-use crate::pipeline::{Answers, Connection};
+use crate::client::{PutRequest, key_path};
 use crate::routing::Router;
 
 /// Records handed from the reading thread to the runtime at once.
 const CHUNK: usize = 256;
-
-/// PUTs written back to back on one connection.
-const PIPELINE_DEPTH: usize = 16;
 
 /// Default number of PUT requests in flight.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
@@ -415,46 +417,6 @@ fn rate(n: u64, elapsed: Duration) -> f64 {
     n as f64 / elapsed.as_secs_f64().max(1e-3)
 }
 
-/// A pipelined batch, back from its connection.
-struct Batch {
-    addr: String,
-    conn: Option<Connection>,
-    records: Vec<Record>,
-    answers: Answers,
-}
-
-/// PUTs `records` on `conn`, or on a new connection to `addr`.
-async fn send_batch(
-    addr: String,
-    conn: Option<Connection>,
-    records: Vec<Record>,
-    timeout: Duration,
-) -> Batch {
-    let conn = match conn {
-        Some(conn) => Some(conn),
-        None => Connection::open(&addr, timeout).await.ok(),
-    };
-    let (conn, answers) = match conn {
-        Some(mut conn) => {
-            let answers = conn.put_all(&records, timeout).await;
-            (Some(conn), answers)
-        }
-        None => (
-            None,
-            Answers {
-                stored: vec![false; records.len()],
-                epoch: None,
-            },
-        ),
-    };
-    Batch {
-        addr,
-        conn,
-        records,
-        answers,
-    }
-}
-
 /// Stores every record with at most `concurrency` requests in flight.
 pub async fn load(
     client: &Arc<Router>,
@@ -492,98 +454,42 @@ pub async fn load(
     };
 
     let timeout = client.entry().timeout();
-    // Pipelined batches of `depth` PUTs, at most `concurrency` PUTs in them
-    // in all; a record a batch did not settle goes again alone, through
-    // the router (retries, a newer map, the error's sentence).
-    let depth = PIPELINE_DEPTH.min(concurrency);
-    let max_batches = (concurrency / depth).max(1);
-    let mut batches: JoinSet<Batch> = JoinSet::new();
-    let mut singles = JoinSet::new();
-    let mut queues: HashMap<String, Vec<Record>> = HashMap::new();
-    let mut idle: HashMap<String, Vec<Connection>> = HashMap::new();
-    let mut queued = 0usize;
+    let pipes = Arc::new(Pipes::new(timeout, timeout));
+    let mut in_flight = JoinSet::new();
     let mut error: Option<ClientError> = None;
-    // Reading stops at the end of the input or its first bad record;
-    // sending stops at the first key the cluster refuses.
-    let (mut reading, mut sending) = (true, true);
-    let mut pending: VecDeque<Result<Record, ClientError>> = VecDeque::new();
+    let mut reading = true;
+    let mut pending = VecDeque::new();
     loop {
-        while let Some(item) = pending.pop_front().filter(|_| sending) {
-            match item {
-                Err(e) => {
+        while reading && in_flight.len() < concurrency {
+            match pending.pop_front() {
+                None => break,
+                Some(Err(e)) => {
                     keep(e, &mut error);
                     reading = false;
-                    pending.clear();
                 }
-                Ok(record) => {
-                    let addr = client.addr_for(&record.key).await;
-                    queues.entry(addr).or_default().push(record);
-                    queued += 1;
+                Some(Ok(Record { line, key, value })) => {
+                    let (client, pipes) = (client.clone(), pipes.clone());
+                    in_flight
+                        .spawn(async move { (line, put(&client, &pipes, &key, &value).await) });
                 }
             }
         }
-        // A full batch goes at once; a partial one when no more input is
-        // coming soon (the end of it, or nothing else in flight). The
-        // oldest record goes first: with `--concurrency 1` the input is
-        // sent in order, and a refused key stops what follows it.
-        while sending && batches.len() < max_batches && singles.len() < concurrency {
-            let quiet = !reading || (batches.is_empty() && singles.is_empty());
-            let Some(addr) = queues
-                .iter()
-                .filter(|(_, q)| q.len() >= depth || (quiet && !q.is_empty()))
-                .min_by_key(|(_, q)| q.first().map(|r| r.line))
-                .map(|(a, _)| a.clone())
-            else {
-                break;
-            };
-            let Some(queue) = queues.get_mut(&addr) else {
-                break;
-            };
-            let records: Vec<Record> = queue.drain(..queue.len().min(depth)).collect();
-            queued -= records.len();
-            let conn = idle.get_mut(&addr).and_then(Vec::pop);
-            batches.spawn(send_batch(addr, conn, records, timeout));
-        }
         tokio::select! {
             biased;
-            Some(done) = batches.join_next(), if !batches.is_empty() => match done {
-                Ok(batch) => {
-                    if let Some(epoch) = batch.answers.epoch {
-                        client.saw_epoch(epoch).await;
-                    }
-                    if let Some(conn) = batch.conn.filter(Connection::is_open) {
-                        idle.entry(batch.addr).or_default().push(conn);
-                    }
-                    for (record, stored) in batch.records.into_iter().zip(batch.answers.stored) {
-                        if stored {
-                            loaded.fetch_add(1, Ordering::Relaxed);
-                        } else if sending {
-                            let client = client.clone();
-                            singles.spawn(async move {
-                                (record.line, client.put(&record.key, &record.value).await)
-                            });
-                        }
-                    }
-                }
-                Err(e) => {
-                    keep(ClientError::Input(format!("a request failed: {e}")), &mut error);
-                    sending = false;
-                }
-            },
-            Some(done) = singles.join_next(), if !singles.is_empty() => match done {
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => match done {
                 Ok((_, Ok(()))) => {
                     loaded.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok((line, Err(e))) => {
                     keep(ClientError::at_line(e, line), &mut error);
-                    sending = false;
+                    reading = false;
                 }
                 Err(e) => {
                     keep(ClientError::Input(format!("a request failed: {e}")), &mut error);
-                    sending = false;
+                    reading = false;
                 }
             },
-            chunk = rx.recv(), if reading && sending && pending.is_empty() && queued < 2 * concurrency => match chunk {
+            chunk = rx.recv(), if reading && pending.is_empty() && in_flight.len() < concurrency => match chunk {
                 None => reading = false,
                 Some(items) => pending.extend(items),
             },
@@ -602,6 +508,34 @@ pub async fn load(
         loaded: loaded.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
         error,
+    }
+}
+
+/// PUTs one record, pipelined to its owner; anything but a `2xx` goes
+/// again through the router.
+async fn put(router: &Router, pipes: &Pipes, key: &str, value: &str) -> Result<(), ClientError> {
+    let addr = router.addr_for(key).await;
+    let body = serde_json::to_vec(&PutRequest { value })
+        .map_err(|e| ClientError::Input(format!("cannot encode the value of {key:?}: {e}")))?;
+    let request = pipe::request(
+        "PUT",
+        &addr,
+        &key_path(key),
+        &[("content-type", b"application/json")],
+        &body,
+    );
+    match pipes.send(&addr, request).await {
+        Ok(answer) if answer.status.is_success() => {
+            let epoch = answer
+                .epoch
+                .as_ref()
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            if let Some(epoch) = epoch {
+                router.saw_epoch(epoch).await;
+            }
+            Ok(())
+        }
+        _ => router.put(key, value).await,
     }
 }
 

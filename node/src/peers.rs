@@ -208,31 +208,19 @@ impl PeerClient {
         epoch: u64,
         request_id: Option<&HeaderValue>,
     ) -> Result<Response, PeerError> {
-        let mut request = Vec::with_capacity(160 + key.len());
-        request.extend_from_slice(b"GET /kv?key=");
-        for part in utf8_percent_encode(key, URL_ESCAPE) {
-            request.extend_from_slice(part.as_bytes());
+        let target = format!("/kv?key={}", utf8_percent_encode(key, URL_ESCAPE));
+        let epoch = epoch.to_string();
+        let names = [FORWARDED_HEADER, EPOCH_HEADER, REQUEST_ID_HEADER];
+        let mut headers = vec![
+            (names[0].as_str(), self.sender.as_bytes()),
+            (names[1].as_str(), epoch.as_bytes()),
+        ];
+        if let Some(id) = request_id {
+            headers.push((names[2].as_str(), id.as_bytes()));
         }
-        request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        request.extend_from_slice(addr.as_bytes());
-        for (name, value) in [
-            (FORWARDED_HEADER.as_str(), Some(self.sender.as_bytes())),
-            (EPOCH_HEADER.as_str(), Some(epoch.to_string().as_bytes())),
-            (
-                REQUEST_ID_HEADER.as_str(),
-                request_id.map(HeaderValue::as_bytes),
-            ),
-        ] {
-            if let Some(value) = value {
-                request.extend_from_slice(b"\r\n");
-                request.extend_from_slice(name.as_bytes());
-                request.extend_from_slice(b": ");
-                request.extend_from_slice(value);
-            }
-        }
-        request.extend_from_slice(b"\r\n\r\n");
-        let answer = match self.reads.send(addr, request.clone()).await {
-            Err(PipeError::Closed) => self.reads.send(addr, request).await,
+        let request = || crate::pipe::request("GET", addr, &target, &headers, &[]);
+        let answer = match self.reads.send(addr, request()).await {
+            Err(PipeError::Closed) => self.reads.send(addr, request()).await,
             answer => answer,
         };
         let answer = answer.map_err(|e| match e {

@@ -1,4 +1,5 @@
-//! Pipelined HTTP/1.1 connections to peers, for forwarded reads.
+//! Pipelined HTTP/1.1 connections: a node's forwarded reads, and the PUTs
+//! of `cavi load`.
 //!
 //! A forwarded GET over a pooled connection costs four system calls more
 //! than a local one (a write and a read on each side of the hop), and on
@@ -114,8 +115,8 @@ impl Pipes {
         }
     }
 
-    /// Sends `request` (a whole HTTP/1.1 request without a body) to `addr`
-    /// and waits for its answer, at most the request timeout.
+    /// Sends `request` (a whole HTTP/1.1 request, see [`request`]) to
+    /// `addr` and waits for its answer, at most the request timeout.
     pub async fn send(&self, addr: &str, request: Vec<u8>) -> Result<Answer, PipeError> {
         let pipe = self.pick(addr);
         pipe.busy.fetch_add(1, Ordering::Relaxed);
@@ -179,6 +180,34 @@ impl Pipes {
             kill,
         }
     }
+}
+
+/// An HTTP/1.1 request as it goes on a pipelined connection: `target` is
+/// the path and query, escaped; a body gets its `content-length`.
+pub fn request(
+    method: &str,
+    host: &str,
+    target: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + target.len() + body.len());
+    for part in [method, " ", target, " HTTP/1.1\r\nhost: ", host] {
+        out.extend_from_slice(part.as_bytes());
+    }
+    for (name, value) in headers {
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+    }
+    if !body.is_empty() {
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body);
+    out
 }
 
 /// One connection's life: connect, then write what is queued and read the
@@ -351,6 +380,46 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
         assert!(parse(b"garbage\r\n\r\n").is_err());
+    }
+
+    /// A peer that answers the first of three pipelined requests and hangs
+    /// up: the other two fail as `Closed`, for the caller to send again.
+    #[tokio::test]
+    async fn requests_left_unanswered_by_a_closing_peer_fail_as_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let peer = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while seen.windows(4).filter(|w| w == b"\r\n\r\n").count() < 3 {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                seen.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(seen).unwrap()
+        });
+        let pipes = Pipes::new(Duration::from_secs(5), Duration::from_secs(5));
+        let put = |k: &str| request("PUT", "x", &format!("/kv/{k}"), &[], b"{}");
+        let (a, b, c) = tokio::join!(
+            pipes.send(&addr, put("a")),
+            pipes.send(&addr, put("b")),
+            pipes.send(&addr, put("c"))
+        );
+        assert_eq!(a.unwrap().status, StatusCode::NO_CONTENT);
+        assert!(matches!(b, Err(PipeError::Closed)), "{b:?}");
+        assert!(matches!(c, Err(PipeError::Closed)), "{c:?}");
+        let sent = peer.await.unwrap();
+        assert!(
+            sent.starts_with(
+                "PUT /kv/a HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}PUT /kv/b"
+            ),
+            "{sent}"
+        );
     }
 
     /// A peer serving two pipelined GETs in one write, in order.

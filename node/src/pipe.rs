@@ -382,27 +382,36 @@ mod tests {
         assert!(parse(b"garbage\r\n\r\n").is_err());
     }
 
+    /// A peer on a fresh port that takes one connection, waits for `n`
+    /// requests, writes what `answer` makes of them and hangs up; the task
+    /// returns what it received.
+    async fn peer(
+        n: usize,
+        answer: impl FnOnce(&str) -> Vec<u8> + Send + 'static,
+    ) -> (String, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while seen.windows(4).filter(|w| w == b"\r\n\r\n").count() < n {
+                let read = socket.read(&mut buf).await.unwrap();
+                assert!(read > 0, "the client closed early");
+                seen.extend_from_slice(&buf[..read]);
+            }
+            let seen = String::from_utf8(seen).unwrap();
+            socket.write_all(&answer(&seen)).await.unwrap();
+            seen
+        });
+        (addr, task)
+    }
+
     /// A peer that answers the first of three pipelined requests and hangs
     /// up: the other two fail as `Closed`, for the caller to send again.
     #[tokio::test]
     async fn requests_left_unanswered_by_a_closing_peer_fail_as_closed() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let peer = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 4096];
-            while seen.windows(4).filter(|w| w == b"\r\n\r\n").count() < 3 {
-                let n = socket.read(&mut buf).await.unwrap();
-                assert!(n > 0);
-                seen.extend_from_slice(&buf[..n]);
-            }
-            socket
-                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                .await
-                .unwrap();
-            String::from_utf8(seen).unwrap()
-        });
+        let (addr, peer) = peer(3, |_| b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()).await;
         let pipes = Pipes::new(Duration::from_secs(5), Duration::from_secs(5));
         let put = |k: &str| request("PUT", "x", &format!("/kv/{k}"), &[], b"{}");
         let (a, b, c) = tokio::join!(
@@ -422,42 +431,32 @@ mod tests {
         );
     }
 
-    /// A peer serving two pipelined GETs in one write, in order.
+    /// A peer answering two pipelined GETs with one write, in order.
     #[tokio::test]
-    async fn requests_ready_together_share_a_write_and_get_their_own_answers() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let peer = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 4096];
-            while seen.windows(4).filter(|w| w == b"\r\n\r\n").count() < 2 {
-                let n = socket.read(&mut buf).await.unwrap();
-                assert!(n > 0);
-                seen.extend_from_slice(&buf[..n]);
-            }
+    async fn pipelined_requests_get_their_own_answers_in_order() {
+        let (addr, peer) = peer(2, |seen| {
             let mut answers = Vec::new();
-            for path in String::from_utf8(seen).unwrap().split("\r\n\r\n") {
-                if let Some(key) = path.split_whitespace().nth(1) {
+            for head in seen.split("\r\n\r\n") {
+                if let Some(path) = head.split_whitespace().nth(1) {
                     answers.extend_from_slice(
                         format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{key}",
-                            key.len()
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                            path.len()
                         )
                         .as_bytes(),
                     );
                 }
             }
-            socket.write_all(&answers).await.unwrap();
-            socket
-        });
+            answers
+        })
+        .await;
         let pipes = Pipes::new(Duration::from_secs(5), Duration::from_secs(5));
-        let get = |k: &str| format!("GET /{k} HTTP/1.1\r\nhost: x\r\n\r\n").into_bytes();
+        let get = |k: &str| request("GET", "x", &format!("/{k}"), &[], &[]);
         let (a, b) = tokio::join!(pipes.send(&addr, get("a")), pipes.send(&addr, get("b")));
         assert_eq!(a.unwrap().body, Bytes::from_static(b"/a"));
         assert_eq!(b.unwrap().body, Bytes::from_static(b"/b"));
-        // The peer is gone: a request now fails as closed or refused.
-        drop(peer.await.unwrap());
+        // The peer hung up: a request now fails as closed or refused.
+        peer.await.unwrap();
         let late = pipes.send(&addr, get("c")).await;
         assert!(late.is_err(), "{late:?}");
     }

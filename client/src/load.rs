@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use cavi_node::pipe::{self, Pipes};
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
 
 use crate::ClientError;
 use crate::client::{PutRequest, key_path};
@@ -521,7 +522,7 @@ async fn put(router: &Router, pipes: &Pipes, key: &str, value: &str) -> Result<(
         "PUT",
         &addr,
         &key_path(key),
-        &[("content-type", b"application/json")],
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
         &body,
     );
     match pipes.send(&addr, request).await {

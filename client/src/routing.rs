@@ -175,22 +175,14 @@ impl Router {
 
     /// The node to ask for `key`: its owner by the map, or the entry node.
     async fn node_for(&self, key: &str) -> Client {
-        if !self.direct {
+        let addr = self.addr_for(key).await;
+        if addr == self.entry.addr() {
             return self.entry.clone();
         }
-        if self.map().is_none() {
-            self.refresh(&self.entry, None).await;
-        }
-        let Some(map) = self.map() else {
-            return self.entry.clone();
-        };
-        let Some(owner) = map.owner_of(key) else {
-            return self.entry.clone();
-        };
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         clients
-            .entry(owner.addr.clone())
-            .or_insert_with(|| self.entry.for_addr(&owner.addr, self.entry.timeout()))
+            .entry(addr)
+            .or_insert_with_key(|addr| self.entry.for_addr(addr, self.entry.timeout()))
             .clone()
     }
 

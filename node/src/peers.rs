@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
 use axum::response::Response;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HyperClient;
@@ -185,17 +185,28 @@ impl PeerClient {
         let (parts, body) = self
             .exchange(method, addr, path, body, epoch, request_id)
             .await?;
-        let mut response = Response::new(Body::from(body));
-        *response.status_mut() = parts.status;
-        if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, ct.clone());
-        }
-        if let Some(epoch) = parts.headers.get(EPOCH_HEADER) {
-            response.headers_mut().insert(EPOCH_HEADER, epoch.clone());
-        }
-        Ok(response)
+        Ok(relay(
+            parts.status,
+            parts.headers.get(header::CONTENT_TYPE).cloned(),
+            parts.headers.get(EPOCH_HEADER).cloned(),
+            body,
+        ))
+    }
+
+    /// The headers every proxied request carries: who sent it, by which
+    /// map epoch, and the request id.
+    fn proxy_headers(
+        &self,
+        epoch: u64,
+        request_id: Option<&HeaderValue>,
+    ) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+        [
+            Some((FORWARDED_HEADER, self.sender.clone())),
+            Some((EPOCH_HEADER, HeaderValue::from(epoch))),
+            request_id.map(|id| (REQUEST_ID_HEADER, id.clone())),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// A forwarded GET, pipelined; once more on a fresh connection when
@@ -209,16 +220,10 @@ impl PeerClient {
         request_id: Option<&HeaderValue>,
     ) -> Result<Response, PeerError> {
         let target = format!("/kv?key={}", utf8_percent_encode(key, URL_ESCAPE));
-        let epoch = epoch.to_string();
-        let names = [FORWARDED_HEADER, EPOCH_HEADER, REQUEST_ID_HEADER];
-        let mut headers = vec![
-            (names[0].as_str(), self.sender.as_bytes()),
-            (names[1].as_str(), epoch.as_bytes()),
-        ];
-        if let Some(id) = request_id {
-            headers.push((names[2].as_str(), id.as_bytes()));
-        }
-        let request = || crate::pipe::request("GET", addr, &target, &headers, &[]);
+        let request = || {
+            let headers = self.proxy_headers(epoch, request_id);
+            crate::pipe::request("GET", addr, &target, headers, &[])
+        };
         let answer = match self.reads.send(addr, request()).await {
             Err(PipeError::Closed) => self.reads.send(addr, request()).await,
             answer => answer,
@@ -230,15 +235,12 @@ impl PeerClient {
             PipeError::Timeout(t) => PeerError::Timeout(t),
             PipeError::Bad(why) => PeerError::BadResponse(why),
         })?;
-        let mut response = Response::new(Body::from(answer.body));
-        *response.status_mut() = answer.status;
-        if let Some(ct) = answer.content_type {
-            response.headers_mut().insert(header::CONTENT_TYPE, ct);
-        }
-        if let Some(epoch) = answer.epoch {
-            response.headers_mut().insert(EPOCH_HEADER, epoch);
-        }
-        Ok(response)
+        Ok(relay(
+            answer.status,
+            answer.content_type,
+            answer.epoch,
+            answer.body,
+        ))
     }
 
     /// One request to a peer over the pooled hop client, with the headers
@@ -259,16 +261,12 @@ impl PeerClient {
             .path_and_query(path_and_query)
             .build()
             .map_err(|e| PeerError::BadResponse(format!("cannot address {addr}: {e}")))?;
-        let mut request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(FORWARDED_HEADER, self.sender.clone())
-            .header(EPOCH_HEADER, HeaderValue::from(epoch));
+        let mut request = Request::builder().method(method).uri(uri);
+        for (name, value) in self.proxy_headers(epoch, request_id) {
+            request = request.header(name, value);
+        }
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
-        }
-        if let Some(id) = request_id {
-            request = request.header(REQUEST_ID_HEADER, id.clone());
         }
         let request = request
             .body(Full::new(body))
@@ -428,6 +426,25 @@ impl PeerClient {
             PeerError::BadResponse(transport_cause(&e))
         }
     }
+}
+
+/// An owner's answer as the forwarding node relays it: status, content
+/// type, epoch header and body, nothing else.
+fn relay(
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    epoch: Option<HeaderValue>,
+    body: Bytes,
+) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    if let Some(ct) = content_type {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    if let Some(epoch) = epoch {
+        response.headers_mut().insert(EPOCH_HEADER, epoch);
+    }
+    response
 }
 
 /// Whether the peer closed the connection under the request (it was

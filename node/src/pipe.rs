@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -188,7 +188,7 @@ pub fn request(
     method: &str,
     host: &str,
     target: &str,
-    headers: &[(&str, &[u8])],
+    headers: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
     body: &[u8],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + target.len() + body.len());
@@ -197,9 +197,9 @@ pub fn request(
     }
     for (name, value) in headers {
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
+        out.extend_from_slice(value.as_bytes());
     }
     if !body.is_empty() {
         out.extend_from_slice(b"\r\ncontent-length: ");
@@ -413,7 +413,7 @@ mod tests {
     async fn requests_left_unanswered_by_a_closing_peer_fail_as_closed() {
         let (addr, peer) = peer(3, |_| b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()).await;
         let pipes = Pipes::new(Duration::from_secs(5), Duration::from_secs(5));
-        let put = |k: &str| request("PUT", "x", &format!("/kv/{k}"), &[], b"{}");
+        let put = |k: &str| request("PUT", "x", &format!("/kv/{k}"), None, b"{}");
         let (a, b, c) = tokio::join!(
             pipes.send(&addr, put("a")),
             pipes.send(&addr, put("b")),
@@ -451,7 +451,7 @@ mod tests {
         })
         .await;
         let pipes = Pipes::new(Duration::from_secs(5), Duration::from_secs(5));
-        let get = |k: &str| request("GET", "x", &format!("/{k}"), &[], &[]);
+        let get = |k: &str| request("GET", "x", &format!("/{k}"), None, &[]);
         let (a, b) = tokio::join!(pipes.send(&addr, get("a")), pipes.send(&addr, get("b")));
         assert_eq!(a.unwrap().body, Bytes::from_static(b"/a"));
         assert_eq!(b.unwrap().body, Bytes::from_static(b"/b"));

@@ -21,6 +21,7 @@ use crate::node::Node;
 use crate::peers::PageQuery;
 use crate::search::entries_json_off_workers;
 use crate::shard_map::ShardMap;
+use crate::store::read_off_workers;
 use crate::wire::{NEXT_CURSOR_HEADER, parse_query};
 
 type AppState = Arc<Node>;
@@ -148,13 +149,7 @@ async fn count(
     let q = range_query(&query)?;
     let store = node.store()?.clone();
     let span = Span::from(&q.range);
-    let keys = if store.reads_block() {
-        tokio::task::spawn_blocking(move || store.count(&span))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??
-    } else {
-        store.count(&span)?
-    };
+    let keys = read_off_workers(&store, move |store| store.count(&span)).await?;
     Ok(Json(Count { keys }))
 }
 

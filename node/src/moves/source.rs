@@ -18,7 +18,7 @@ use crate::crash::crash_point;
 use crate::error::ApiError;
 use crate::keyspace::Span;
 use crate::node::Node;
-use crate::store::{Page, ScanRequest, Store, Tap, WriteOp};
+use crate::store::{Page, ScanRequest, Store, Tap, WriteOp, read_off_workers};
 
 /// Entries and bytes per page of the copy: small enough that applying one
 /// does not hold up the requests around it for long.
@@ -353,25 +353,17 @@ pub(crate) async fn read_page(
     limit: usize,
     max_bytes: usize,
 ) -> Result<Page, ApiError> {
-    let scan = {
-        let (store, span) = (store.clone(), span.clone());
-        move || {
-            store.scan(&ScanRequest {
-                span: &span,
-                prefix: "",
-                after: after.as_deref(),
-                limit,
-                max_bytes,
-            })
-        }
-    };
-    let page = if store.reads_block() {
-        tokio::task::spawn_blocking(scan)
-            .await
-            .map_err(|e| ApiError::Internal(format!("scan task failed: {e}")))??
-    } else {
-        scan()?
-    };
+    let span = span.clone();
+    let page = read_off_workers(store, move |store| {
+        store.scan(&ScanRequest {
+            span: &span,
+            prefix: "",
+            after: after.as_deref(),
+            limit,
+            max_bytes,
+        })
+    })
+    .await?;
     Ok(page)
 }
 
@@ -777,17 +769,9 @@ async fn clean_up(node: Arc<Node>, out: Arc<Outgoing>) {
 /// read: a page of them cost as much as the delete).
 pub(crate) async fn delete_span(store: &Arc<dyn Store>, span: &Span) -> Result<(), ApiError> {
     loop {
-        let keys = {
-            let (engine, span) = (store.clone(), span.clone());
-            let keys = move || engine.keys(&span, DELETE_PAGE_KEYS);
-            if store.reads_block() {
-                tokio::task::spawn_blocking(keys)
-                    .await
-                    .map_err(|e| ApiError::Internal(format!("scan task failed: {e}")))??
-            } else {
-                keys()?
-            }
-        };
+        let span = span.clone();
+        let keys =
+            read_off_workers(store, move |store| store.keys(&span, DELETE_PAGE_KEYS)).await?;
         if keys.is_empty() {
             return Ok(());
         }

@@ -116,6 +116,21 @@ pub(crate) fn scan_done(req: &ScanRequest<'_>, key: &[u8]) -> bool {
     !req.span.contains(key) || !key.starts_with(req.prefix.as_bytes())
 }
 
+/// Runs `read` against `store`, on the blocking pool when the engine's
+/// reads may wait for a disk, else right here.
+pub async fn read_off_workers<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    read: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    if !store.reads_block() {
+        return read(store.as_ref());
+    }
+    let engine = store.clone();
+    tokio::task::spawn_blocking(move || read(engine.as_ref()))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("a read task failed: {e}")))?
+}
+
 /// A shard's ordered key-value storage.
 pub trait Store: Send + Sync + 'static {
     /// Calls `found` with the value of `key` while it is borrowed from the

@@ -13,7 +13,7 @@ use crate::metrics::status_label;
 use crate::moves::Admission;
 use crate::node::Node;
 use crate::peers::{Caller, KvOp};
-use crate::wire::{EPOCH_HEADER, Owner};
+use crate::wire::{EPOCH_HEADER, Owner, json_string};
 
 impl Node {
     /// Size limits on the key, enforced by the entry node before anything
@@ -205,24 +205,6 @@ fn read_json(store: &dyn crate::store::Store, key: &str) -> Result<Option<Vec<u8
     Ok(body)
 }
 
-/// `value` as a JSON string. Most values need no escaping, and checking
-/// that first is several times cheaper than escaping byte by byte.
-pub fn json_string(value: &str) -> Vec<u8> {
-    let plain = value
-        .bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f);
-    let mut json = Vec::with_capacity(value.len() + 2);
-    if plain {
-        json.push(b'"');
-        json.extend_from_slice(value.as_bytes());
-        json.push(b'"');
-    } else {
-        // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut json, value);
-    }
-    json
-}
-
 fn json_response(json: Vec<u8>) -> Response {
     let mut response = Response::new(Body::from(json));
     response.headers_mut().insert(
@@ -230,39 +212,4 @@ fn json_response(json: Vec<u8>) -> Response {
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::json_string;
-
-    /// The shortcut must give byte for byte what serde_json gives, for
-    /// plain values and for every character that needs an escape.
-    #[test]
-    fn json_string_agrees_with_serde_json() {
-        let samples = [
-            "",
-            "plain",
-            "naïve ☃ 🦀",
-            "quote \" inside",
-            "back\\slash",
-            "tab\tnew\nline\r",
-            "\u{0}\u{1f}\u{7f}",
-            "</script>",
-        ];
-        for value in samples {
-            assert_eq!(
-                json_string(value),
-                serde_json::to_vec(value).expect("a string encodes"),
-                "{value:?}"
-            );
-        }
-        for b in 0u8..=0x7f {
-            let value = format!("a{}b", b as char);
-            assert_eq!(
-                json_string(&value),
-                serde_json::to_vec(&value).expect("a string encodes")
-            );
-        }
-    }
 }

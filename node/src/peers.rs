@@ -349,9 +349,8 @@ impl PeerClient {
 
     /// Sends one page of a move to its target.
     pub async fn send_batch(&self, addr: &str, id: &str, batch: &Batch) -> Result<(), PeerError> {
-        self.post(addr, &format!("/internal/v1/incoming/{id}/batch"), batch)
-            .await
-            .map(drop)
+        let path = format!("/internal/v1/incoming/{id}/batch");
+        self.post_json(addr, &path, batch.to_json()).await.map(drop)
     }
 
     /// Asks a move's target to commit.
@@ -393,6 +392,10 @@ impl PeerClient {
         body: &T,
     ) -> Result<Bytes, PeerError> {
         let body = serde_json::to_vec(body).map_err(|e| PeerError::BadResponse(e.to_string()))?;
+        self.post_json(addr, path, body).await
+    }
+
+    async fn post_json(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Bytes, PeerError> {
         let answer = self
             .http
             .post(format!("http://{addr}{path}"))

@@ -35,6 +35,7 @@ use crate::config::ShardConfig;
 use crate::keyspace::KeyRange;
 use crate::shard_map::ShardMap;
 use crate::store::{Entry, WriteOp};
+use crate::wire::write_json_string;
 
 pub use lock::{LockRequest, LockState, MoveLock};
 pub(crate) use source::read_page;
@@ -257,6 +258,45 @@ impl From<Entry> for BatchEntry {
     }
 }
 
+impl Batch {
+    /// The batch as JSON, byte for byte what serde_json writes for it,
+    /// with keys and values through the plain-string shortcut: escaping
+    /// byte by byte was a sixth of the CPU a copy costs.
+    pub fn to_json(&self) -> Vec<u8> {
+        use std::io::Write as _;
+        let size: usize = self
+            .entries
+            .iter()
+            .map(|e| e.key.len() + e.value.as_ref().map_or(0, String::len) + 24)
+            .sum();
+        let mut out = Vec::with_capacity(64 + size);
+        let kind = match self.kind {
+            BatchKind::Copy => "copy",
+            BatchKind::Writes => "writes",
+        };
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            out,
+            r#"{{"kind":"{kind}","first_seq":{},"last":{},"entries":["#,
+            self.first_seq, self.last
+        );
+        for (i, entry) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"key":"#);
+            write_json_string(&mut out, &entry.key);
+            if let Some(value) = &entry.value {
+                out.extend_from_slice(br#","value":"#);
+                write_json_string(&mut out, value);
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+}
+
 impl BatchEntry {
     pub fn into_op(self) -> WriteOp {
         match self.value {
@@ -294,4 +334,49 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written encoding must read back as the batch it encodes
+    /// and match serde_json byte for byte: deletes, escapes, both kinds,
+    /// the first page and the last.
+    #[test]
+    fn a_batch_encodes_as_serde_json_does() {
+        let samples = [
+            "plain",
+            "",
+            "quote \" and back\\slash",
+            "control \u{1} \u{7f}",
+            "naïve ☃",
+        ];
+        for (i, kind) in [BatchKind::Copy, BatchKind::Writes].into_iter().enumerate() {
+            for n in [0, 1, 5] {
+                let batch = Batch {
+                    kind,
+                    first_seq: 7 * i as u64 * n as u64,
+                    last: n == 5,
+                    entries: (0..n)
+                        .map(|j| BatchEntry {
+                            key: format!("{}{j}", samples[j % samples.len()]),
+                            value: (j % 3 != 2).then(|| samples[(j + i) % samples.len()].repeat(j)),
+                        })
+                        .collect(),
+                };
+                let json = batch.to_json();
+                assert_eq!(
+                    String::from_utf8_lossy(&json),
+                    String::from_utf8_lossy(&serde_json::to_vec(&batch).expect("encodes"))
+                );
+                let back: Batch = serde_json::from_slice(&json).expect("decodes");
+                assert_eq!(back.entries, batch.entries);
+                assert_eq!(
+                    (back.kind, back.first_seq, back.last),
+                    (kind, batch.first_seq, batch.last)
+                );
+            }
+        }
+    }
 }

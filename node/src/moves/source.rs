@@ -23,7 +23,7 @@ use crate::store::{Page, ScanRequest, Store, Tap, WriteOp, read_off_workers};
 /// Entries and bytes per page of the copy: small enough that applying one
 /// does not hold up the requests around it for long.
 const COPY_PAGE_KEYS: usize = 1024;
-const COPY_PAGE_BYTES: usize = 256 << 10;
+const COPY_PAGE_BYTES: usize = 128 << 10;
 /// Keys per page of the clean-up after a move.
 const DELETE_PAGE_KEYS: usize = 512;
 /// Tapped writes and bytes per batch of the catch-up.
@@ -769,6 +769,13 @@ async fn clean_up(node: Arc<Node>, out: Arc<Outgoing>) {
 /// read: a page of them cost as much as the delete).
 pub(crate) async fn delete_span(store: &Arc<dyn Store>, span: &Span) -> Result<(), ApiError> {
     loop {
+        if let Some(removed) = store.remove_range(span, DELETE_PAGE_KEYS) {
+            if removed? == 0 {
+                return Ok(());
+            }
+            tokio::task::yield_now().await;
+            continue;
+        }
         let span = span.clone();
         let keys =
             read_off_workers(store, move |store| store.keys(&span, DELETE_PAGE_KEYS)).await?;

@@ -266,6 +266,70 @@ impl Blocks {
         Some(size)
     }
 
+    /// Removes the first `limit` entries whose keys lie in `from..to`
+    /// (`to` `None`: to the end); how many it removed and their key and
+    /// value bytes. A block wholly inside the range goes at once, so a
+    /// range costs a tree search per block rather than several per key:
+    /// what dropping a moved range needs.
+    pub fn remove_range(&mut self, from: &[u8], to: Option<&[u8]>, limit: usize) -> (usize, usize) {
+        let (mut removed, mut bytes) = (0, 0);
+        let mut at: Box<[u8]> = from.into();
+        // Blocks left partly filled: they may merge with a neighbour once
+        // the range is gone.
+        let mut trimmed: Vec<Box<[u8]>> = Vec::new();
+        while removed < limit {
+            let Some((bound, block)) = self
+                .tree
+                .range_mut::<[u8], _>((Bound::Unbounded, Bound::Included(&*at)))
+                .next_back()
+            else {
+                break;
+            };
+            let bound = bound.clone();
+            let start = seek(block, &at).map_or(block.len(), |(slot, _)| slot.start);
+            let mut end = start;
+            let mut reached_end = false;
+            while end < block.len() && removed < limit {
+                let slot = slot_at(block, end);
+                if to.is_some_and(|to| slot.key >= to) {
+                    reached_end = true;
+                    break;
+                }
+                removed += 1;
+                bytes += slot.key.len() + slot.value.len();
+                end = slot.end;
+            }
+            let rest = block.len() - end;
+            if start == 0 && rest == 0 && !bound.is_empty() {
+                self.tree.remove(&bound);
+            } else if end > start {
+                block.drain(start..end);
+                if block.capacity() > block.len() + block.len() / 4 {
+                    compact(block);
+                }
+                trimmed.push(bound.clone());
+            }
+            if reached_end || rest > 0 {
+                break;
+            }
+            match self
+                .tree
+                .range::<[u8], _>((Bound::Excluded(&*bound), Bound::Unbounded))
+                .next()
+            {
+                Some((next, _)) if to.is_none_or(|to| &**next < to) => at = next.clone(),
+                _ => break,
+            }
+        }
+        self.len -= removed;
+        for bound in trimmed {
+            if self.tree.get(&bound).is_some_and(|b| b.len() < MIN_BLOCK) {
+                self.absorb(&bound);
+            }
+        }
+        (removed, bytes)
+    }
+
     /// Merges the small block under `bound` with a neighbour (the one
     /// before it, else the one after) when both fit in one block.
     fn absorb(&mut self, bound: &[u8]) {
@@ -365,9 +429,30 @@ mod tests {
                             old.map(|v| key.len() + v.len())
                         );
                     }
-                    6..=8 => {
+                    6..=7 => {
                         let old = model.remove(&key);
                         assert_eq!(blocks.remove(&key), old.map(|v| key.len() + v.len()));
+                    }
+                    8 => {
+                        // A range from `key` up to a random end (or the
+                        // end of the key space), a few entries at most.
+                        let to: Option<Vec<u8>> = (next(4) > 0)
+                            .then(|| (0..next(6)).map(|_| b"abc\xff"[next(4) as usize]).collect());
+                        let limit = next(12) as usize;
+                        let doomed: Vec<Vec<u8>> = model
+                            .range::<[u8], _>((Bound::Included(&key[..]), Bound::Unbounded))
+                            .map(|(k, _)| k.clone())
+                            .take_while(|k| to.as_ref().is_none_or(|to| k < to))
+                            .take(limit)
+                            .collect();
+                        let size: usize = doomed
+                            .iter()
+                            .map(|k| k.len() + model.remove(k).map_or(0, |v| v.len()))
+                            .sum();
+                        assert_eq!(
+                            blocks.remove_range(&key, to.as_deref(), limit),
+                            (doomed.len(), size)
+                        );
                     }
                     _ => assert_eq!(blocks.get(&key), model.get(&key).map(Vec::as_slice)),
                 }
@@ -393,6 +478,46 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Dropping a large range, a page at a time, leaves the keys around
+    /// it and merges what is left rather than keeping empty blocks.
+    #[test]
+    fn a_range_goes_a_page_at_a_time_and_leaves_its_neighbours() {
+        let mut blocks = Blocks::default();
+        let value = [b'v'; 1000];
+        for i in 0..2_000 {
+            blocks.insert(format!("k{i:05}").as_bytes(), &value);
+        }
+        let (from, to) = (b"k00100".as_slice(), b"k01900".as_slice());
+        let mut pages = 0;
+        loop {
+            let (n, bytes) = blocks.remove_range(from, Some(to), 512);
+            assert_eq!(bytes, n * 1006);
+            if n == 0 {
+                break;
+            }
+            pages += 1;
+        }
+        assert_eq!(pages, 4);
+        assert_eq!(blocks.len(), 200);
+        let left: Vec<_> = blocks
+            .range(Bound::Unbounded)
+            .map(|(k, _)| k.to_vec())
+            .collect();
+        let want: Vec<_> = (0..100)
+            .chain(1900..2000)
+            .map(|i| format!("k{i:05}").into_bytes())
+            .collect();
+        assert_eq!(left, want);
+        assert!(
+            blocks.tree.len() <= 200 / 4 + 2,
+            "{} blocks",
+            blocks.tree.len()
+        );
+        // To the end of the key space.
+        assert_eq!(blocks.remove_range(b"k01950", None, usize::MAX).0, 50);
+        assert_eq!(blocks.len(), 150);
     }
 
     #[test]

@@ -162,6 +162,14 @@ pub trait Store: Send + Sync + 'static {
     /// deleting a range needs.
     fn keys(&self, span: &Span, limit: usize) -> Result<Vec<String>, StoreError>;
 
+    /// Deletes the first `limit` keys of `span` in place and says how
+    /// many, when this engine can drop a range without listing it;
+    /// `None` when it cannot (or a tap must see each delete): the caller
+    /// then lists the keys and writes their deletes.
+    fn remove_range(&self, span: &Span, limit: usize) -> Option<Result<usize, StoreError>> {
+        let _ = (span, limit);
+        None
+    }
     /// Keys held in `span`.
     fn count(&self, span: &Span) -> Result<u64, StoreError>;
 

@@ -25,8 +25,11 @@ struct Record {
     spec: MoveSpec,
 }
 
-/// Entries of a copied page applied at once.
-const APPLY_SLICE: usize = 128;
+/// A copied page is applied a slice at a time, yielding in between, so
+/// the writes that share the engine's lock wait for one slice at most:
+/// this many entries, or this many bytes of them.
+const APPLY_SLICE_KEYS: usize = 128;
+const APPLY_SLICE_BYTES: usize = 32 << 10;
 
 /// What arrived so far; batches are applied one at a time under it.
 struct Receive {
@@ -207,9 +210,13 @@ pub async fn batch(node: &Arc<Node>, id: &str, batch: Batch) -> Result<(), ApiEr
             // applied again if the source sends it again.
             let mut ops = ops.into_iter().peekable();
             while ops.peek().is_some() {
-                store
-                    .write(ops.by_ref().take(APPLY_SLICE).collect())
-                    .await?;
+                let (mut slice, mut size) = (Vec::new(), 0);
+                while slice.len() < APPLY_SLICE_KEYS && size < APPLY_SLICE_BYTES {
+                    let Some(op) = ops.next() else { break };
+                    size += op.size();
+                    slice.push(op);
+                }
+                store.write(slice).await?;
                 tokio::task::yield_now().await;
             }
             inc.keys_copied.fetch_add(keys, Ordering::Relaxed);

@@ -371,6 +371,56 @@ pub(crate) async fn read_page(
     Ok(page)
 }
 
+/// A copy page in flight, cancelled if the copy is dropped (an abort, a
+/// failed move) so that nothing keeps sending for it.
+struct InFlight(tokio::task::JoinHandle<Result<(), String>>);
+
+impl InFlight {
+    async fn landed(mut self) -> Result<(), String> {
+        (&mut self.0)
+            .await
+            .map_err(|e| format!("a page of the copy failed: {e}"))?
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends one page of the copy and counts it once the target has it.
+async fn send_page(
+    node: Arc<Node>,
+    out: Arc<Outgoing>,
+    addr: String,
+    batch: Batch,
+) -> Result<(), String> {
+    let keys = batch.entries.len() as u64;
+    let bytes: u64 = batch
+        .entries
+        .iter()
+        .map(|e| (e.key.len() + e.value.as_ref().map_or(0, String::len)) as u64)
+        .sum();
+    node.peers
+        .send_batch(&addr, &out.spec.id, &batch)
+        .await
+        .map_err(|e| {
+            format!(
+                "target shard {} did not take a page of the copy: {e}",
+                out.spec.target
+            )
+        })?;
+    out.keys_copied.fetch_add(keys, Ordering::Relaxed);
+    out.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+    node.metrics.moved(keys, bytes);
+    Ok(())
+}
+
+/// Streams the snapshot with two pages in flight: the target applies one
+/// while this node reads and sends the next, so neither waits for the
+/// other's turn on a busy core. The last page leaves only once every
+/// other has landed, so a target that has it has the whole copy.
 async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
     let store = node.store().map_err(|e| e.to_string())?.clone();
     let addr = target_addr(&out.spec).map_err(|e| e.to_string())?;
@@ -378,6 +428,7 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
     let rate = node.settings().move_rate;
     let started = tokio::time::Instant::now();
     let mut sent = 0u64;
+    let mut previous: Option<InFlight> = None;
     loop {
         let page = read_page(
             &store,
@@ -388,7 +439,6 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
         )
         .await
         .map_err(|e| format!("cannot read the range: {e}"))?;
-        let keys = page.entries.len() as u64;
         let bytes: u64 = page.entries.iter().map(|e| e.size() as u64).sum();
         after = page.entries.last().map(|e| e.key.clone());
         let last = !page.more;
@@ -399,31 +449,30 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
             entries: page.entries.into_iter().map(BatchEntry::from).collect(),
         };
         crash_point("source-copy-page");
-        node.peers
-            .send_batch(&addr, &out.spec.id, &batch)
-            .await
-            .map_err(|e| {
-                format!(
-                    "target shard {} did not take a page of the copy: {e}",
-                    out.spec.target
-                )
-            })?;
-        out.keys_copied.fetch_add(keys, Ordering::Relaxed);
-        out.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
-        node.metrics.moved(keys, bytes);
-        sent += bytes;
-        if rate > 0 && !last {
-            // Paced: the next page leaves when the bytes so far are due.
-            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
-            tokio::time::sleep_until(due).await;
+        if last && let Some(before) = previous.take() {
+            before.landed().await?;
         }
+        let send = send_page(node.clone(), out.clone(), addr.clone(), batch);
+        let this = InFlight(tokio::spawn(send.in_current_span()));
+        if let Some(before) = previous.replace(this) {
+            before.landed().await?;
+        }
+        sent += bytes;
         if last {
+            if let Some(this) = previous.take() {
+                this.landed().await?;
+            }
             out.copy_done.store(true, Ordering::Relaxed);
             info!(
                 keys = out.keys_copied.load(Ordering::Relaxed),
                 "copy done; catching up"
             );
             return Ok(());
+        }
+        if rate > 0 {
+            // Paced: the next page leaves when the bytes so far are due.
+            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
         }
     }
 }

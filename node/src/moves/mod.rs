@@ -264,11 +264,7 @@ impl Batch {
     /// byte by byte was a sixth of the CPU a copy costs.
     pub fn to_json(&self) -> Vec<u8> {
         use std::io::Write as _;
-        let size: usize = self
-            .entries
-            .iter()
-            .map(|e| e.key.len() + e.value.as_ref().map_or(0, String::len) + 24)
-            .sum();
+        let size: usize = self.entries.iter().map(|e| e.size() + 24).sum();
         let mut out = Vec::with_capacity(64 + size);
         let kind = match self.kind {
             BatchKind::Copy => "copy",
@@ -298,6 +294,11 @@ impl Batch {
 }
 
 impl BatchEntry {
+    /// Key and value bytes, as a move counts them.
+    pub fn size(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, String::len)
+    }
+
     pub fn into_op(self) -> WriteOp {
         match self.value {
             Some(v) => WriteOp::Put(self.key, v),

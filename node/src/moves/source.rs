@@ -389,28 +389,31 @@ impl Drop for InFlight {
     }
 }
 
-/// Sends one page of the copy and counts it once the target has it.
+/// Sends `batch` to the move's target; `what` names it in the error.
+async fn send_to_target(
+    node: &Node,
+    out: &Outgoing,
+    addr: &str,
+    batch: &Batch,
+    what: &str,
+) -> Result<(), String> {
+    node.peers
+        .send_batch(addr, &out.spec.id, batch)
+        .await
+        .map_err(|e| format!("target shard {} did not take {what}: {e}", out.spec.target))
+}
+
+/// Sends one page of the copy (`bytes` of keys and values) and counts it
+/// once the target has it.
 async fn send_page(
     node: Arc<Node>,
     out: Arc<Outgoing>,
     addr: String,
     batch: Batch,
+    bytes: u64,
 ) -> Result<(), String> {
+    send_to_target(&node, &out, &addr, &batch, "a page of the copy").await?;
     let keys = batch.entries.len() as u64;
-    let bytes: u64 = batch
-        .entries
-        .iter()
-        .map(|e| (e.key.len() + e.value.as_ref().map_or(0, String::len)) as u64)
-        .sum();
-    node.peers
-        .send_batch(&addr, &out.spec.id, &batch)
-        .await
-        .map_err(|e| {
-            format!(
-                "target shard {} did not take a page of the copy: {e}",
-                out.spec.target
-            )
-        })?;
     out.keys_copied.fetch_add(keys, Ordering::Relaxed);
     out.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
     node.metrics.moved(keys, bytes);
@@ -449,19 +452,11 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
             entries: page.entries.into_iter().map(BatchEntry::from).collect(),
         };
         crash_point("source-copy-page");
-        if last && let Some(before) = previous.take() {
-            before.landed().await?;
-        }
-        let send = send_page(node.clone(), out.clone(), addr.clone(), batch);
-        let this = InFlight(tokio::spawn(send.in_current_span()));
-        if let Some(before) = previous.replace(this) {
-            before.landed().await?;
-        }
-        sent += bytes;
         if last {
-            if let Some(this) = previous.take() {
-                this.landed().await?;
+            if let Some(before) = previous.take() {
+                before.landed().await?;
             }
+            send_page(node.clone(), out.clone(), addr, batch, bytes).await?;
             out.copy_done.store(true, Ordering::Relaxed);
             info!(
                 keys = out.keys_copied.load(Ordering::Relaxed),
@@ -469,6 +464,12 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
             );
             return Ok(());
         }
+        let send = send_page(node.clone(), out.clone(), addr.clone(), batch, bytes);
+        let this = InFlight(tokio::spawn(send.in_current_span()));
+        if let Some(before) = previous.replace(this) {
+            before.landed().await?;
+        }
+        sent += bytes;
         if rate > 0 {
             // Paced: the next page leaves when the bytes so far are due.
             let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
@@ -519,15 +520,7 @@ async fn mirror(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
             last: false,
             entries: ops,
         };
-        node.peers
-            .send_batch(&addr, &out.spec.id, &batch)
-            .await
-            .map_err(|e| {
-                format!(
-                    "target shard {} did not take the writes to the range: {e}",
-                    out.spec.target
-                )
-            })?;
+        send_to_target(node, out, &addr, &batch, "the writes to the range").await?;
         {
             let mut log = lock(&out.log);
             for _ in 0..n {

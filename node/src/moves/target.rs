@@ -200,7 +200,7 @@ pub async fn batch(node: &Arc<Node>, id: &str, batch: Batch) -> Result<(), ApiEr
                 .filter(|e| !receive.touched.contains(&e.key))
                 .map(|e| {
                     keys += 1;
-                    bytes += (e.key.len() + e.value.as_ref().map_or(0, String::len)) as u64;
+                    bytes += e.size() as u64;
                     e.into_op()
                 })
                 .collect();

@@ -254,10 +254,7 @@ impl Blocks {
             (slot, true) => (slot.start, slot.end, slot.key.len() + slot.value.len()),
             (_, false) => return None,
         };
-        block.drain(start..end);
-        if block.capacity() > block.len() + block.len() / 4 {
-            compact(block);
-        }
+        cut(block, start..end);
         self.len -= 1;
         if block.len() < MIN_BLOCK {
             let bound = bound.clone();
@@ -303,10 +300,7 @@ impl Blocks {
             if start == 0 && rest == 0 && !bound.is_empty() {
                 self.tree.remove(&bound);
             } else if end > start {
-                block.drain(start..end);
-                if block.capacity() > block.len() + block.len() / 4 {
-                    compact(block);
-                }
+                cut(block, start..end);
                 trimmed.push(bound.clone());
             }
             if reached_end || rest > 0 {
@@ -376,6 +370,15 @@ impl Blocks {
                 Bound::Unbounded => false,
             })
             .map(|s| (s.key, s.value))
+    }
+}
+
+/// Removes the entries in `bytes` from `block`, moving what is left into a
+/// smaller allocation once a quarter of it would be spare.
+fn cut(block: &mut Vec<u8>, bytes: std::ops::Range<usize>) {
+    block.drain(bytes);
+    if block.capacity() > block.len() + block.len() / 4 {
+        compact(block);
     }
 }
 

@@ -98,12 +98,17 @@ pub struct DecodeError(pub String);
 /// decoded are refused rather than replaced, so two different encodings
 /// can never name the same key.
 pub fn decode_component(raw: &str) -> Result<String, DecodeError> {
-    let bytes: Vec<u8> = percent_decode_str(raw).collect();
-    String::from_utf8(bytes).map_err(|_| {
-        DecodeError(format!(
+    // A component with nothing escaped (most keys) is copied as it is: it
+    // is UTF-8 already, and `memchr` finds no `%` faster than the decoder.
+    if !raw.contains('%') {
+        return Ok(raw.to_owned());
+    }
+    match percent_decode_str(raw).decode_utf8() {
+        Ok(decoded) => Ok(decoded.into_owned()),
+        Err(_) => Err(DecodeError(format!(
             "{raw:?} does not decode to UTF-8 (keys and parameters are UTF-8, percent-encoded)"
-        ))
-    })
+        ))),
+    }
 }
 
 /// The parameters of a query string, each decoded by
@@ -246,6 +251,8 @@ mod tests {
 
     #[test]
     fn components_decode_once_and_plus_stays_plus() {
+        assert_eq!(decode_component("é-plain").unwrap(), "é-plain");
+        assert_eq!(decode_component("100%").unwrap(), "100%");
         assert_eq!(decode_component("a+b").unwrap(), "a+b");
         assert_eq!(decode_component("a%2Bb").unwrap(), "a+b");
         assert_eq!(decode_component("q%2520x").unwrap(), "q%20x");

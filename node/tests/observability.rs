@@ -140,6 +140,15 @@ async fn request_ids_travel_with_forwarded_requests() {
         id.len() == 16 && id.chars().all(|ch| ch.is_ascii_hexdigit()),
         "{id}"
     );
+    // A key it forwards carries the id it made up, the one it answers with.
+    let r = c.get(&node.url(), "nut").await;
+    let id = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 16, "{id}");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3, "the forwarded GET reached shard 1");
+        assert_eq!(seen[2]["x-request-id"], id.as_str());
+    }
     stand_in.abort();
 }
 

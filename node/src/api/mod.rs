@@ -32,7 +32,7 @@ use crate::node::Node;
 use crate::peers::{Caller, KvOp};
 use crate::search::{SearchParams, entries_json_off_workers};
 use crate::wire::{ClusterView, ErrorBody, NEXT_CURSOR_HEADER, PARTIAL_HEADER, REQUEST_ID_HEADER};
-use extract::{Key, RawQuery};
+use extract::{Key, RawQuery, caller_of};
 pub use extract::{PutBody, PutValue};
 
 type AppState = Arc<Node>;
@@ -74,7 +74,12 @@ impl App {
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .cloned()
             .unwrap_or_else(new_request_id);
-        req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
+        let key_request = is_key_request(&req);
+        if !key_request {
+            // The routes' extractors read it from there; a key request is
+            // handed it.
+            req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
+        }
         let span = tracing::info_span!(
             "request",
             method = %req.method(),
@@ -83,8 +88,8 @@ impl App {
         );
         let limit = node.settings().request_timeout;
         let answered = async {
-            if is_key_request(&req) {
-                return self.key_request(req).await;
+            if key_request {
+                return self.key_request(req, id.clone()).await;
             }
             match self.routes.clone().call(req).await {
                 Ok(response) => response,
@@ -119,14 +124,17 @@ impl App {
     /// a GET. The same extractors and the same handlers as the routes
     /// `/kv/{key}` and `/kv`, which still serve anything else (`HEAD`, a
     /// refused method).
-    async fn key_request(&self, req: Request<Incoming>) -> Response {
+    async fn key_request(&self, req: Request<Incoming>, id: HeaderValue) -> Response {
         let (mut parts, body) = req.into_parts();
         let node = &self.node;
         let key = match Key::from_request_parts(&mut parts, node).await {
             Ok(key) => key,
             Err(e) => return e.into_response(),
         };
-        let Ok(caller) = Caller::from_request_parts(&mut parts, node).await;
+        let caller = Caller {
+            request_id: Some(id),
+            ..caller_of(&parts.headers)
+        };
         let state = State(node.clone());
         let answer = match parts.method {
             Method::GET => get_key(state, key, caller).await,

@@ -196,6 +196,11 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The code of an error answer, carried in the response's extensions so the
+/// edge counts errors by code without reading the body back.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -222,6 +227,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(EPOCH_HEADER, HeaderValue::from(epoch));
         }
+        response.extensions_mut().insert(ErrorCode(self.code()));
         response
     }
 }

@@ -42,6 +42,12 @@ fn latency_histogram() -> Histogram {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    route: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -100,6 +106,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: LatencyFamily,
     handles: RequestHandles,
+    errors: Family<ErrorLabels, Counter>,
     forwarded: Family<PeerLabels, Counter>,
     fan_out: Histogram,
     keys: Gauge,
@@ -124,6 +131,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("cavi");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = LatencyFamily::new_with_constructor(latency_histogram);
+        let errors = Family::<ErrorLabels, Counter>::default();
         let forwarded = Family::<PeerLabels, Counter>::default();
         let fan_out = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0]);
         let keys = Gauge::default();
@@ -184,6 +192,11 @@ impl Metrics {
             latency.clone(),
         );
         registry.register(
+            "http_errors",
+            "Error answers this node produced, by route and error code (the `code` of the JSON body); an owner's error relayed by a forwarding node is counted by the owner",
+            errors.clone(),
+        );
+        registry.register(
             "peer_requests",
             "Requests sent to other shards, by peer shard, kind (kv or search) and outcome (status code or error code)",
             forwarded.clone(),
@@ -205,6 +218,7 @@ impl Metrics {
             requests,
             latency,
             handles: RequestHandles::new(),
+            errors,
             forwarded,
             fan_out,
             keys,
@@ -286,6 +300,15 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// An error answer, by the code its JSON body carries: a 503 alone does
+    /// not tell a full write queue from a dead owner or a reopening engine,
+    /// nor a 404 a missing key from an unknown route.
+    pub fn record_error(&self, route: &'static str, code: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels { route, code })
+            .inc();
+    }
+
     pub fn record_peer(&self, peer: u32, kind: &'static str, outcome: &'static str) {
         self.forwarded
             .get_or_create(&PeerLabels {
@@ -363,6 +386,7 @@ mod tests {
         let m = Metrics::new();
         m.record_request("GET", "/kv/{*key}", 200, Duration::from_millis(3));
         m.record_peer(1, "kv", "peer_timeout");
+        m.record_error("/kv/{*key}", "overloaded");
         m.record_fan_out(2);
         m.moved(3, 300);
         let text = m.render(7, 1234, true, 5, &[]);
@@ -371,6 +395,7 @@ mod tests {
             "cavi_http_request_duration_seconds_bucket{le=\"0.0016\",method=\"GET\",route=\"/kv/{*key}\"} 0",
             "cavi_http_request_duration_seconds_bucket{le=\"0.0032\",method=\"GET\",route=\"/kv/{*key}\"} 1",
             "cavi_peer_requests_total{peer=\"1\",kind=\"kv\",outcome=\"peer_timeout\"} 1",
+            "cavi_http_errors_total{route=\"/kv/{*key}\",code=\"overloaded\"} 1",
             "cavi_search_fan_out_shards_count 1",
             "cavi_stored_keys 7",
             "cavi_stored_bytes 1234",

@@ -92,6 +92,21 @@ async fn metrics_count_requests_peers_fan_out_and_storage() {
     has(&text, "cavi_search_fan_out_shards_sum 4.0");
     has(&text, "cavi_stored_keys 1");
     has(&text, "cavi_stored_bytes 10");
+    // Errors by the code of their body: the missing key and the dead owner
+    // answered 404 and 503, and nothing that succeeded is counted.
+    let mut key_errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(r#"cavi_http_errors_total{route="/kv/{*key}""#))
+        .collect();
+    key_errors.sort_unstable();
+    assert_eq!(
+        key_errors,
+        [
+            r#"cavi_http_errors_total{route="/kv/{*key}",code="key_not_found"} 1"#,
+            r#"cavi_http_errors_total{route="/kv/{*key}",code="peer_unavailable"} 1"#,
+        ],
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ use serde::Serialize;
 use tower::Service;
 use tracing::Instrument;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::node::Node;
 use crate::peers::{Caller, KvOp};
 use crate::search::{SearchParams, entries_json_off_workers};
@@ -62,7 +62,8 @@ impl App {
     /// - runs the request inside a span naming that id;
     /// - bounds it by the request timeout, so a stuck store or peer can
     ///   never hold a client forever;
-    /// - counts and times it by method, route and status.
+    /// - counts and times it by method, route and status, and counts the
+    ///   errors it produced by their code.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response {
         let node = &self.node;
         let started = Instant::now();
@@ -104,6 +105,9 @@ impl App {
         let status = response.status().as_u16();
         node.metrics()
             .record_request(method, route, status, started.elapsed());
+        if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+            node.metrics().record_error(route, code);
+        }
         tracing::debug!(parent: &span, status, "answered");
         response.headers_mut().insert(REQUEST_ID_HEADER, id);
         if response.status() == StatusCode::SERVICE_UNAVAILABLE

@@ -404,8 +404,8 @@ async fn killing_the_target_the_source_or_the_driver_mid_move_loses_nothing() {
 /// The copy of a move is paced by the source's `--move-rate`: 2 MiB at
 /// 1 MiB/s cannot take less than about a second and a half (a lower bound,
 /// which a slow machine cannot break), and every key arrives. The copy
-/// keeps two of its 16 pages in flight; the move counts each page once it
-/// has landed, so the commit reports the whole copy.
+/// keeps up to four of its 16 pages in flight; the move counts each page
+/// once it has landed, so the commit reports the whole copy.
 #[tokio::test]
 async fn a_move_is_paced_by_the_sources_move_rate() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,6 +24,12 @@ use crate::store::{Page, ScanRequest, Store, Tap, WriteOp, read_off_workers};
 /// does not hold up the requests around it for long.
 const COPY_PAGE_KEYS: usize = 1024;
 const COPY_PAGE_BYTES: usize = 128 << 10;
+/// Copy pages sent and not yet acknowledged by the target. On a loaded
+/// node each page waits a few turns of the busy worker on its way (the
+/// source's send, the target's read, its answer); with four under way a
+/// copy that fell behind its pace can catch up, and the target, which
+/// applies one page at a time, always has the next one waiting.
+const COPY_PAGES_IN_FLIGHT: usize = 4;
 /// Keys per page of the clean-up after a move: listed, then deleted.
 const DELETE_PAGE_KEYS: usize = 512;
 /// Keys per page when the engine drops a range in place: whole blocks go
@@ -420,10 +426,11 @@ async fn send_page(
     Ok(())
 }
 
-/// Streams the snapshot with two pages in flight: the target applies one
-/// while this node reads and sends the next, so neither waits for the
-/// other's turn on a busy core. The last page leaves only once every
-/// other has landed, so a target that has it has the whole copy.
+/// Streams the snapshot with up to `COPY_PAGES_IN_FLIGHT` pages in flight:
+/// the target applies one while this node reads and sends the next, so
+/// neither waits for the other's turn on a busy core. The last page leaves
+/// only once every other has landed, so a target that has it has the whole
+/// copy.
 async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
     let store = node.store().map_err(|e| e.to_string())?.clone();
     let addr = target_addr(&out.spec).map_err(|e| e.to_string())?;
@@ -431,7 +438,7 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
     let rate = node.settings().move_rate;
     let started = tokio::time::Instant::now();
     let mut sent = 0u64;
-    let mut previous: Option<InFlight> = None;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     loop {
         let page = read_page(
             &store,
@@ -453,7 +460,7 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
         };
         crash_point("source-copy-page");
         if last {
-            if let Some(before) = previous.take() {
+            while let Some(before) = in_flight.pop_front() {
                 before.landed().await?;
             }
             send_page(node.clone(), out.clone(), addr, batch, bytes).await?;
@@ -466,8 +473,11 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
         }
         let send = send_page(node.clone(), out.clone(), addr.clone(), batch, bytes);
         let this = InFlight(tokio::spawn(send.in_current_span()));
-        if let Some(before) = previous.replace(this) {
-            before.landed().await?;
+        in_flight.push_back(this);
+        if in_flight.len() >= COPY_PAGES_IN_FLIGHT
+            && let Some(oldest) = in_flight.pop_front()
+        {
+            oldest.landed().await?;
         }
         sent += bytes;
         if rate > 0 {

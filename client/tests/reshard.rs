@@ -442,3 +442,101 @@ async fn a_move_is_paced_by_the_sources_move_rate() {
     let view = cluster(&client, &nodes[1]).await;
     assert_eq!(view["keys"], 64);
 }
+
+/// Waits until `node`'s move as source is fenced; returns false if it got
+/// past the fence (or never started) before `deadline`.
+async fn wait_fenced(client: &Client, node: &NodeProc, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        if source_phase(client, node).await.as_deref() == Some("fenced") {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+async fn source_phase(client: &Client, node: &NodeProc) -> Option<String> {
+    let view = cluster(client, node).await;
+    view["moves"]
+        .as_array()?
+        .iter()
+        .find(|m| m["role"] == "source")
+        .and_then(|m| m["phase"].as_str().map(str::to_owned))
+}
+
+/// The fence holds writes to the moving range, not reads: while a slow
+/// disk keeps the source fenced (every commit of node 0 takes 1.5 s, and
+/// the fence waits for one), a GET of a key in the range is answered from
+/// the source and the move is still fenced afterwards, while a PUT sent
+/// before it is still waiting. Once the move commits, the PUT lands on the
+/// new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let mut nodes = start_nodes(dir.path(), &[0, 1], &config).await;
+    nodes[0].env("CAVI_DEBUG_COMMIT_DELAY_MS", "1500");
+    start_in_two_ranges(&config, &mut nodes).await;
+    let client = Client::new();
+    let url0 = nodes[0].url();
+    let puts = (0..20).map(|i| {
+        let (client, url0) = (client.clone(), url0.clone());
+        async move {
+            let key = format!("h{i:03}");
+            client.put(&url0, &key, &format!("v-{key}")).await.status
+        }
+    });
+    for status in futures::future::join_all(puts).await {
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let target = dir.path().join("target.yaml");
+    layout(
+        &target,
+        &[(0, &nodes[0], "", Some("g")), (1, &nodes[1], "h", None)],
+    );
+
+    let reshard = {
+        let (entry, target) = (nodes[0].url(), target.clone());
+        tokio::spawn(async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_cavi"))
+                .args(["-e", &entry, "reshard", "-f", target.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    assert!(
+        wait_fenced(&client, &nodes[0], deadline).await,
+        "the move never showed as fenced"
+    );
+    let held = {
+        let (client, url0) = (client.clone(), url0.clone());
+        tokio::spawn(async move { client.put(&url0, "h001", "written-in-the-fence").await })
+    };
+    let read = client.get(&url0, "h005").await;
+    let held_done = held.is_finished();
+    let phase = source_phase(&client, &nodes[0]).await;
+    assert_eq!(read.status, StatusCode::OK, "{read:?}");
+    assert_eq!(read.body, "v-h005");
+    assert_eq!(
+        phase.as_deref(),
+        Some("fenced"),
+        "the read waited for the fence to end"
+    );
+    assert!(!held_done, "a write to a fenced range was not held");
+
+    let out = reshard.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let put = held.await.unwrap();
+    assert_eq!(put.status, StatusCode::NO_CONTENT, "{put:?}");
+    let moved = client.get(&nodes[1].url(), "h001").await;
+    assert_eq!(moved.body, "written-in-the-fence", "{moved:?}");
+    let moved = client.get(&nodes[1].url(), "h005").await;
+    assert_eq!(moved.body, "v-h005", "{moved:?}");
+}

@@ -68,7 +68,7 @@ impl Node {
                 match self.outgoing.load_full() {
                     Some(out) if out.span.contains(key.as_bytes()) && !out.phase().is_final() => {
                         let admitted = out
-                            .admit(deadline)
+                            .admit(deadline, matches!(op, KvOp::Get))
                             .await
                             .map_err(|()| self.moving(key, deadline))?;
                         match admitted {

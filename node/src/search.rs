@@ -537,7 +537,7 @@ impl Node {
                 return scan(store, q, span).await;
             };
             let admitted = out
-                .admit(deadline)
+                .admit(deadline, true)
                 .await
                 .map_err(|()| ApiError::RangeMoving {
                     key: q.range.to_string(),

@@ -57,6 +57,13 @@ struct Gate {
     phase: Phase,
     /// Requests for the range running now (admitted while not fenced).
     inflight: usize,
+    /// Whether reads of the range are served while it is fenced: from the
+    /// fence until just before the target is asked to commit. Writes are
+    /// held then, so the source's data is the range's last word.
+    reads_open: bool,
+    /// Reads admitted through the fence and running now; the target is
+    /// asked to commit only once they are done.
+    reads: usize,
 }
 
 #[derive(Default)]
@@ -94,13 +101,21 @@ pub struct Outgoing {
 /// for every one to be dropped.
 pub struct Admitted<'a> {
     out: &'a Outgoing,
+    /// Admitted through the fence (a read), not before it.
+    fenced: bool,
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         let mut gate = self.out.gate();
-        gate.inflight -= 1;
-        if gate.inflight == 0 {
+        let left = if self.fenced {
+            gate.reads -= 1;
+            gate.reads
+        } else {
+            gate.inflight -= 1;
+            gate.inflight
+        };
+        if left == 0 {
             self.out.idle.notify_waiters();
         }
     }
@@ -142,7 +157,12 @@ impl Outgoing {
         Self {
             spec,
             span,
-            gate: Mutex::new(Gate { phase, inflight: 0 }),
+            gate: Mutex::new(Gate {
+                phase,
+                inflight: 0,
+                reads_open: false,
+                reads: 0,
+            }),
             phase_tx: watch::Sender::new(phase),
             idle: Notify::new(),
             log: Mutex::new(Log::default()),
@@ -177,9 +197,45 @@ impl Outgoing {
             return false;
         }
         gate.phase = to;
+        // Only `commit` opens the fence to reads, and only for a while.
+        gate.reads_open = false;
         drop(gate);
         self.phase_tx.send_replace(to);
         true
+    }
+
+    /// Copying to fenced: writes to the range wait from now on, reads are
+    /// still served here.
+    fn fence(&self) -> bool {
+        let mut gate = self.gate();
+        if gate.phase != Phase::Copying {
+            return false;
+        }
+        gate.phase = Phase::Fenced;
+        gate.reads_open = true;
+        drop(gate);
+        self.phase_tx.send_replace(Phase::Fenced);
+        true
+    }
+
+    /// Holds reads of the fenced range too and waits (up to `limit`) for
+    /// those already admitted: once the target commits, a read here could
+    /// miss a write the target took.
+    async fn close_to_reads(&self, limit: Duration) -> bool {
+        self.gate().reads_open = false;
+        tokio::time::timeout(limit, async {
+            loop {
+                let idle = self.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if self.gate().reads == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await
+        .is_ok()
     }
 
     fn fail(&self, why: &str) {
@@ -213,8 +269,13 @@ impl Outgoing {
     }
 
     /// Admits a request for a key in the range: at once while copying,
-    /// after the fence otherwise (waiting at most until `deadline`).
-    pub async fn admit(&self, deadline: tokio::time::Instant) -> Result<Admission<'_>, ()> {
+    /// after the fence otherwise (waiting at most until `deadline`). A
+    /// read goes through the fence while the fence is open to reads.
+    pub async fn admit(
+        &self,
+        deadline: tokio::time::Instant,
+        read: bool,
+    ) -> Result<Admission<'_>, ()> {
         let mut changes = self.phase_tx.subscribe();
         loop {
             {
@@ -222,7 +283,17 @@ impl Outgoing {
                 match gate.phase {
                     Phase::Copying => {
                         gate.inflight += 1;
-                        return Ok(Admission::Serve(Admitted { out: self }));
+                        return Ok(Admission::Serve(Admitted {
+                            out: self,
+                            fenced: false,
+                        }));
+                    }
+                    Phase::Fenced if read && gate.reads_open => {
+                        gate.reads += 1;
+                        return Ok(Admission::Serve(Admitted {
+                            out: self,
+                            fenced: true,
+                        }));
                     }
                     Phase::Fenced => {}
                     _ => return Ok(Admission::Reroute),
@@ -629,13 +700,13 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
         state.save(&[(OUTGOING_RECORD, Some(out.record(Phase::Fenced)?))])?;
     }
     let fenced_at = Instant::now();
-    if !out.transition(&[Phase::Copying], Phase::Fenced) {
+    if !out.fence() {
         return Err(ApiError::MoveRefused(format!(
             "move {id} is {}, it cannot commit",
             out.phase().as_str()
         )));
     }
-    info!(id, "fenced: requests for the range wait");
+    info!(id, "fenced: writes to the range wait");
     let drained = tokio::time::timeout(fence_limit, async {
         // Requests admitted before the fence finish...
         loop {
@@ -678,6 +749,12 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
         return Err(ApiError::MoveRefused(format!(
             "move {id} ended while fencing: {}",
             lock(&out.error).clone().unwrap_or_default()
+        )));
+    }
+    if !out.close_to_reads(fence_limit).await {
+        unfence(&store, &out)?;
+        return Err(ApiError::MoveRefused(format!(
+            "move {id}: the reads of the range did not finish within {fence_limit:?}; the fence is lifted, try again"
         )));
     }
     let writes = lock(&out.log).first_seq;

@@ -223,19 +223,23 @@ impl Outgoing {
     /// miss a write the target took.
     async fn close_to_reads(&self, limit: Duration) -> bool {
         self.gate().reads_open = false;
-        tokio::time::timeout(limit, async {
-            loop {
-                let idle = self.idle.notified();
-                tokio::pin!(idle);
-                idle.as_mut().enable();
-                if self.gate().reads == 0 {
-                    return;
-                }
-                idle.await;
+        tokio::time::timeout(limit, self.drained(|gate| gate.reads))
+            .await
+            .is_ok()
+    }
+
+    /// Waits until `running` (a count of the gate's) is zero; admitted
+    /// requests wake it as they finish.
+    async fn drained(&self, running: fn(&Gate) -> usize) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if running(&self.gate()) == 0 {
+                return;
             }
-        })
-        .await
-        .is_ok()
+            idle.await;
+        }
     }
 
     fn fail(&self, why: &str) {
@@ -709,15 +713,7 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
     info!(id, "fenced: writes to the range wait");
     let drained = tokio::time::timeout(fence_limit, async {
         // Requests admitted before the fence finish...
-        loop {
-            let idle = out.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if out.gate().inflight == 0 {
-                break;
-            }
-            idle.await;
-        }
+        out.drained(|gate| gate.inflight).await;
         // ...their writes are applied (and tapped)...
         store.barrier().await?;
         // ...and every tapped write reached the target.

@@ -26,6 +26,7 @@
 //!    driver publishes E+1 to every other node (421s fix any straggler).
 
 mod lock;
+mod outgoing;
 pub(crate) mod source;
 pub(crate) mod target;
 
@@ -38,8 +39,8 @@ use crate::store::{Entry, WriteOp};
 use crate::wire::write_json_string;
 
 pub use lock::{LockRequest, LockState, MoveLock};
+pub use outgoing::{Admission, Outgoing};
 pub(crate) use source::read_page;
-pub use source::{Admission, Outgoing};
 pub use target::Incoming;
 
 /// Records a durable node keeps about its moves.

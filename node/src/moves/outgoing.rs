@@ -1,0 +1,319 @@
+//! A range this node is giving away, as the requests for it see it: the
+//! move's phase, the gate that admits requests for the range (all while
+//! copying, reads only while fenced, none while the target commits), and
+//! the log of tapped writes the catch-up sends on.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use super::{MoveSpec, MoveStatus, Phase, Role, unix_now};
+use crate::error::ApiError;
+use crate::keyspace::Span;
+use crate::store::{Tap, WriteOp};
+
+/// Tapped writes held for the target before writers to the range wait.
+const LOG_SOFT_BYTES: usize = 16 << 20;
+/// Tapped writes held before the move gives up (the target cannot keep up).
+const LOG_HARD_BYTES: usize = 64 << 20;
+
+/// What a durable source records, before it acts on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Record {
+    pub spec: MoveSpec,
+    pub phase: Phase,
+}
+
+struct Gate {
+    phase: Phase,
+    /// Requests for the range running now (admitted while not fenced).
+    inflight: usize,
+    /// Whether reads of the range are served while it is fenced: from the
+    /// fence until just before the target is asked to commit. Writes are
+    /// held then, so the source's data is the range's last word.
+    reads_open: bool,
+    /// Reads admitted through the fence and running now; the target is
+    /// asked to commit only once they are done.
+    reads: usize,
+}
+
+#[derive(Default)]
+pub(super) struct Log {
+    pub(super) ops: VecDeque<WriteOp>,
+    pub(super) bytes: usize,
+    /// Number of `ops[0]`; tapped writes are numbered from 0.
+    pub(super) first_seq: u64,
+    /// The log outgrew its hard bound: the move must give up.
+    pub(super) overflow: bool,
+}
+
+/// A range this node is giving away.
+pub struct Outgoing {
+    pub(crate) spec: MoveSpec,
+    pub(crate) span: Span,
+    gate: Mutex<Gate>,
+    pub(super) phase_tx: watch::Sender<Phase>,
+    /// Wakes the fence when the last admitted request finishes.
+    idle: Notify,
+    pub(super) log: Mutex<Log>,
+    /// Wakes the sender when writes are tapped, and writers and the fence
+    /// when the log shrinks.
+    pub(super) log_changed: Notify,
+    pub(super) copy_done: AtomicBool,
+    pub(super) keys_copied: AtomicU64,
+    pub(super) bytes_copied: AtomicU64,
+    pub(super) writes_mirrored: AtomicU64,
+    pub(super) last_touch: Mutex<Instant>,
+    pub(super) error: Mutex<Option<String>>,
+    started_at: u64,
+}
+
+/// Holds a request's place in the range while it runs; the fence waits
+/// for every one to be dropped.
+pub struct Admitted<'a> {
+    out: &'a Outgoing,
+    /// Admitted through the fence (a read), not before it.
+    fenced: bool,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut gate = self.out.gate();
+        let left = if self.fenced {
+            gate.reads -= 1;
+            gate.reads
+        } else {
+            gate.inflight -= 1;
+            gate.inflight
+        };
+        if left == 0 {
+            self.out.idle.notify_waiters();
+        }
+    }
+}
+
+/// What a request for a key in the moving range may do.
+pub enum Admission<'a> {
+    /// Serve it here; the guard holds its place until it is done.
+    Serve(Admitted<'a>),
+    /// The range changed hands (or the move ended): route again.
+    Reroute,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Tap for Outgoing {
+    fn applied(&self, op: &WriteOp) {
+        if !self.span.contains(op.key().as_bytes()) {
+            return;
+        }
+        {
+            let mut log = lock(&self.log);
+            if log.bytes > LOG_HARD_BYTES {
+                log.overflow = true;
+            } else {
+                log.bytes += op.size();
+                log.ops.push_back(op.clone());
+            }
+        }
+        self.log_changed.notify_waiters();
+    }
+}
+
+impl Outgoing {
+    pub(super) fn new(spec: MoveSpec, phase: Phase) -> Self {
+        let span = Span::from(&spec.range());
+        Self {
+            spec,
+            span,
+            gate: Mutex::new(Gate {
+                phase,
+                inflight: 0,
+                reads_open: false,
+                reads: 0,
+            }),
+            phase_tx: watch::Sender::new(phase),
+            idle: Notify::new(),
+            log: Mutex::new(Log::default()),
+            log_changed: Notify::new(),
+            copy_done: AtomicBool::new(false),
+            keys_copied: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            writes_mirrored: AtomicU64::new(0),
+            last_touch: Mutex::new(Instant::now()),
+            error: Mutex::new(None),
+            started_at: unix_now(),
+        }
+    }
+
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        lock(&self.gate)
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.gate().phase
+    }
+
+    pub(super) fn set_phase(&self, phase: Phase) {
+        self.gate().phase = phase;
+        self.phase_tx.send_replace(phase);
+    }
+
+    /// Moves to `to` only from one of `from`; whether it did.
+    pub(super) fn transition(&self, from: &[Phase], to: Phase) -> bool {
+        let mut gate = self.gate();
+        if !from.contains(&gate.phase) {
+            return false;
+        }
+        gate.phase = to;
+        // Only `commit` opens the fence to reads, and only for a while.
+        gate.reads_open = false;
+        drop(gate);
+        self.phase_tx.send_replace(to);
+        true
+    }
+
+    /// Copying to fenced: writes to the range wait from now on, reads are
+    /// still served here.
+    pub(super) fn fence(&self) -> bool {
+        let mut gate = self.gate();
+        if gate.phase != Phase::Copying {
+            return false;
+        }
+        gate.phase = Phase::Fenced;
+        gate.reads_open = true;
+        drop(gate);
+        self.phase_tx.send_replace(Phase::Fenced);
+        true
+    }
+
+    /// Holds reads of the fenced range too and waits (up to `limit`) for
+    /// those already admitted: once the target commits, a read here could
+    /// miss a write the target took.
+    pub(super) async fn close_to_reads(&self, limit: Duration) -> bool {
+        self.gate().reads_open = false;
+        tokio::time::timeout(limit, self.drained(|gate| gate.reads))
+            .await
+            .is_ok()
+    }
+
+    /// Waits for the requests admitted before the fence to finish.
+    pub(super) async fn admitted_before_fence_done(&self) {
+        self.drained(|gate| gate.inflight).await;
+    }
+
+    /// Waits until `running` (a count of the gate's) is zero; admitted
+    /// requests wake it as they finish.
+    async fn drained(&self, running: fn(&Gate) -> usize) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if running(&self.gate()) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    pub(super) fn fail(&self, why: &str) {
+        *lock(&self.error) = Some(why.to_owned());
+    }
+
+    /// Marks the move as looked after by its driver.
+    pub fn touch(&self) {
+        *lock(&self.last_touch) = Instant::now();
+    }
+
+    pub fn status(&self) -> MoveStatus {
+        let log = lock(&self.log);
+        MoveStatus {
+            id: self.spec.id.clone(),
+            role: Role::Source,
+            range_start: self.spec.range_start.clone(),
+            range_end: self.spec.range_end.clone(),
+            source: self.spec.source,
+            target: self.spec.target,
+            epoch: self.spec.map.epoch,
+            phase: self.phase(),
+            copy_done: self.copy_done.load(Ordering::Relaxed),
+            keys_copied: self.keys_copied.load(Ordering::Relaxed),
+            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
+            writes_mirrored: self.writes_mirrored.load(Ordering::Relaxed),
+            lag: log.ops.len() as u64,
+            started_at: self.started_at,
+            error: lock(&self.error).clone(),
+        }
+    }
+
+    /// Admits a request for a key in the range: at once while copying,
+    /// after the fence otherwise (waiting at most until `deadline`). A
+    /// read goes through the fence while the fence is open to reads.
+    pub async fn admit(
+        &self,
+        deadline: tokio::time::Instant,
+        read: bool,
+    ) -> Result<Admission<'_>, ()> {
+        let mut changes = self.phase_tx.subscribe();
+        loop {
+            {
+                let mut gate = self.gate();
+                match gate.phase {
+                    Phase::Copying => {
+                        gate.inflight += 1;
+                        return Ok(Admission::Serve(Admitted {
+                            out: self,
+                            fenced: false,
+                        }));
+                    }
+                    Phase::Fenced if read && gate.reads_open => {
+                        gate.reads += 1;
+                        return Ok(Admission::Serve(Admitted {
+                            out: self,
+                            fenced: true,
+                        }));
+                    }
+                    Phase::Fenced => {}
+                    _ => return Ok(Admission::Reroute),
+                }
+            }
+            changes.mark_unchanged();
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(());
+            }
+        }
+    }
+
+    /// Writers to the range wait while the target lags far behind, so the
+    /// tapped writes held here stay bounded.
+    pub async fn throttle(&self, deadline: tokio::time::Instant) -> Result<(), ()> {
+        loop {
+            let notified = self.log_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if lock(&self.log).bytes <= LOG_SOFT_BYTES {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(());
+            }
+        }
+    }
+
+    pub(super) fn record(&self, phase: Phase) -> Result<Vec<u8>, ApiError> {
+        serde_json::to_vec(&Record {
+            spec: self.spec.clone(),
+            phase,
+        })
+        .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+}

@@ -495,45 +495,31 @@ async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
         &[(0, &nodes[0], "", Some("g")), (1, &nodes[1], "h", None)],
     );
 
-    let reshard = {
-        let (entry, target) = (nodes[0].url(), target.clone());
-        tokio::spawn(async move {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_cavi"))
-                .args(["-e", &entry, "reshard", "-f", target.to_str().unwrap()])
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .unwrap()
-        })
+    let in_the_fence = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        assert!(
+            wait_fenced(&client, &nodes[0], deadline).await,
+            "the move never showed as fenced"
+        );
+        let held = {
+            let (client, url0) = (client.clone(), url0.clone());
+            tokio::spawn(async move { client.put(&url0, "h001", "written-in-the-fence").await })
+        };
+        let read = client.get(&url0, "h005").await;
+        let held_done = held.is_finished();
+        let phase = source_phase(&client, &nodes[0]).await;
+        assert_eq!(read.status, StatusCode::OK, "{read:?}");
+        assert_eq!(read.body, "v-h005");
+        assert_eq!(
+            phase.as_deref(),
+            Some("fenced"),
+            "the read waited for the fence to end"
+        );
+        assert!(!held_done, "a write to a fenced range was not held");
+        held.await.unwrap()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    assert!(
-        wait_fenced(&client, &nodes[0], deadline).await,
-        "the move never showed as fenced"
-    );
-    let held = {
-        let (client, url0) = (client.clone(), url0.clone());
-        tokio::spawn(async move { client.put(&url0, "h001", "written-in-the-fence").await })
-    };
-    let read = client.get(&url0, "h005").await;
-    let held_done = held.is_finished();
-    let phase = source_phase(&client, &nodes[0]).await;
-    assert_eq!(read.status, StatusCode::OK, "{read:?}");
-    assert_eq!(read.body, "v-h005");
-    assert_eq!(
-        phase.as_deref(),
-        Some("fenced"),
-        "the read waited for the fence to end"
-    );
-    assert!(!held_done, "a write to a fenced range was not held");
-
-    let out = reshard.await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let put = held.await.unwrap();
+    let (run, put) = tokio::join!(cavi_reshard(&nodes[0], &target, &[]), in_the_fence);
+    assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(put.status, StatusCode::NO_CONTENT, "{put:?}");
     let moved = client.get(&nodes[1].url(), "h001").await;
     assert_eq!(moved.body, "written-in-the-fence", "{moved:?}");

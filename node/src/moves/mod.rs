@@ -30,6 +30,9 @@ mod outgoing;
 pub(crate) mod source;
 pub(crate) mod target;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::ShardConfig;
@@ -200,6 +203,63 @@ pub struct MoveStatus {
     /// Why the move failed, once it has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// What a move has done so far, kept the same way on both sides: counted
+/// as it goes, read back by `/cluster` and the driver.
+pub(crate) struct Progress {
+    pub(crate) copy_done: AtomicBool,
+    pub(crate) keys_copied: AtomicU64,
+    pub(crate) bytes_copied: AtomicU64,
+    /// Tapped writes sent on (source) or applied (target).
+    pub(crate) writes: AtomicU64,
+    started_at: u64,
+    error: Mutex<Option<String>>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            copy_done: AtomicBool::new(false),
+            keys_copied: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            started_at: unix_now(),
+            error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn fail(&self, why: &str) {
+        *self.error.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.to_owned());
+    }
+
+    pub(crate) fn error(&self) -> Option<String> {
+        self.error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `spec`'s move as `role` sees it, `lag` tapped writes behind.
+    fn status(&self, spec: &MoveSpec, role: Role, phase: Phase, lag: u64) -> MoveStatus {
+        MoveStatus {
+            id: spec.id.clone(),
+            role,
+            range_start: spec.range_start.clone(),
+            range_end: spec.range_end.clone(),
+            source: spec.source,
+            target: spec.target,
+            epoch: spec.map.epoch,
+            phase,
+            copy_done: self.copy_done.load(Ordering::Relaxed),
+            keys_copied: self.keys_copied.load(Ordering::Relaxed),
+            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
+            writes_mirrored: self.writes.load(Ordering::Relaxed),
+            lag,
+            started_at: self.started_at,
+            error: self.error(),
+        }
+    }
 }
 
 /// One page a source sends its target.

@@ -4,14 +4,13 @@
 //! the log of tapped writes the catch-up sends on.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
-use super::{MoveSpec, MoveStatus, Phase, Role, unix_now};
+use super::{MoveSpec, MoveStatus, Phase, Progress, Role};
 use crate::error::ApiError;
 use crate::keyspace::Span;
 use crate::store::{Tap, WriteOp};
@@ -63,13 +62,8 @@ pub struct Outgoing {
     /// Wakes the sender when writes are tapped, and writers and the fence
     /// when the log shrinks.
     pub(super) log_changed: Notify,
-    pub(super) copy_done: AtomicBool,
-    pub(super) keys_copied: AtomicU64,
-    pub(super) bytes_copied: AtomicU64,
-    pub(super) writes_mirrored: AtomicU64,
+    pub(super) progress: Progress,
     pub(super) last_touch: Mutex<Instant>,
-    pub(super) error: Mutex<Option<String>>,
-    started_at: u64,
 }
 
 /// Holds a request's place in the range while it runs; the fence waits
@@ -142,13 +136,8 @@ impl Outgoing {
             idle: Notify::new(),
             log: Mutex::new(Log::default()),
             log_changed: Notify::new(),
-            copy_done: AtomicBool::new(false),
-            keys_copied: AtomicU64::new(0),
-            bytes_copied: AtomicU64::new(0),
-            writes_mirrored: AtomicU64::new(0),
+            progress: Progress::new(),
             last_touch: Mutex::new(Instant::now()),
-            error: Mutex::new(None),
-            started_at: unix_now(),
         }
     }
 
@@ -167,29 +156,26 @@ impl Outgoing {
 
     /// Moves to `to` only from one of `from`; whether it did.
     pub(super) fn transition(&self, from: &[Phase], to: Phase) -> bool {
-        let mut gate = self.gate();
-        if !from.contains(&gate.phase) {
-            return false;
-        }
-        gate.phase = to;
-        // Only `commit` opens the fence to reads, and only for a while.
-        gate.reads_open = false;
-        drop(gate);
-        self.phase_tx.send_replace(to);
-        true
+        // Only `fence` opens the fence to reads, and only until `commit`
+        // closes it.
+        self.shift(from, to, false)
     }
 
     /// Copying to fenced: writes to the range wait from now on, reads are
     /// still served here.
     pub(super) fn fence(&self) -> bool {
+        self.shift(&[Phase::Copying], Phase::Fenced, true)
+    }
+
+    fn shift(&self, from: &[Phase], to: Phase, reads_open: bool) -> bool {
         let mut gate = self.gate();
-        if gate.phase != Phase::Copying {
+        if !from.contains(&gate.phase) {
             return false;
         }
-        gate.phase = Phase::Fenced;
-        gate.reads_open = true;
+        gate.phase = to;
+        gate.reads_open = reads_open;
         drop(gate);
-        self.phase_tx.send_replace(Phase::Fenced);
+        self.phase_tx.send_replace(to);
         true
     }
 
@@ -222,34 +208,15 @@ impl Outgoing {
         }
     }
 
-    pub(super) fn fail(&self, why: &str) {
-        *lock(&self.error) = Some(why.to_owned());
-    }
-
     /// Marks the move as looked after by its driver.
     pub fn touch(&self) {
         *lock(&self.last_touch) = Instant::now();
     }
 
     pub fn status(&self) -> MoveStatus {
-        let log = lock(&self.log);
-        MoveStatus {
-            id: self.spec.id.clone(),
-            role: Role::Source,
-            range_start: self.spec.range_start.clone(),
-            range_end: self.spec.range_end.clone(),
-            source: self.spec.source,
-            target: self.spec.target,
-            epoch: self.spec.map.epoch,
-            phase: self.phase(),
-            copy_done: self.copy_done.load(Ordering::Relaxed),
-            keys_copied: self.keys_copied.load(Ordering::Relaxed),
-            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
-            writes_mirrored: self.writes_mirrored.load(Ordering::Relaxed),
-            lag: log.ops.len() as u64,
-            started_at: self.started_at,
-            error: lock(&self.error).clone(),
-        }
+        let lag = lock(&self.log).ops.len() as u64;
+        self.progress
+            .status(&self.spec, Role::Source, self.phase(), lag)
     }
 
     /// Admits a request for a key in the range: at once while copying,

@@ -114,7 +114,7 @@ async fn run(node: Arc<Node>, out: Arc<Outgoing>) {
         _ = phase.wait_for(|p| !matches!(p, Phase::Copying | Phase::Fenced)) => Ok(()),
     };
     if let Err(why) = result {
-        out.fail(&why);
+        out.progress.fail(&why);
         let _ = phase.wait_for(|p| *p != Phase::Fenced).await;
         if out.phase() == Phase::Copying {
             abort(&node, &out, &why).await;
@@ -199,8 +199,10 @@ async fn send_page(
 ) -> Result<(), String> {
     send_to_target(&node, &out, &addr, &batch, "a page of the copy").await?;
     let keys = batch.entries.len() as u64;
-    out.keys_copied.fetch_add(keys, Ordering::Relaxed);
-    out.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+    out.progress.keys_copied.fetch_add(keys, Ordering::Relaxed);
+    out.progress
+        .bytes_copied
+        .fetch_add(bytes, Ordering::Relaxed);
     node.metrics.moved(keys, bytes);
     Ok(())
 }
@@ -243,9 +245,9 @@ async fn copy(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
                 before.landed().await?;
             }
             send_page(node.clone(), out.clone(), addr, batch, bytes).await?;
-            out.copy_done.store(true, Ordering::Relaxed);
+            out.progress.copy_done.store(true, Ordering::Relaxed);
             info!(
-                keys = out.keys_copied.load(Ordering::Relaxed),
+                keys = out.progress.keys_copied.load(Ordering::Relaxed),
                 "copy done; catching up"
             );
             return Ok(());
@@ -319,7 +321,7 @@ async fn mirror(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), String> {
             }
             log.first_seq += n as u64;
         }
-        out.writes_mirrored.fetch_add(n as u64, Ordering::Relaxed);
+        out.progress.writes.fetch_add(n as u64, Ordering::Relaxed);
         out.log_changed.notify_waiters();
     }
 }
@@ -330,7 +332,7 @@ pub(crate) async fn abort(node: &Arc<Node>, out: &Arc<Outgoing>, why: &str) {
         return;
     }
     warn!(id = %out.spec.id, reason = why, "move aborted; the range stays here");
-    out.fail(why);
+    out.progress.fail(why);
     if let Ok(store) = node.store() {
         let _ = store.set_tap(None).await;
         if let Some(state) = store.state()
@@ -389,16 +391,16 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
         Phase::Aborted => {
             return Err(ApiError::MoveRefused(format!(
                 "move {id} was aborted: {}",
-                lock(&out.error).clone().unwrap_or_default()
+                out.progress.error().unwrap_or_default()
             )));
         }
         Phase::Fenced => return resolve(node, &out).await.map(|()| out.status()),
         _ => {}
     }
-    if !out.copy_done.load(Ordering::Relaxed) {
+    if !out.progress.copy_done.load(Ordering::Relaxed) {
         return Err(ApiError::MoveRefused(format!(
             "move {id} is still copying ({} keys so far); commit once the copy is done",
-            out.keys_copied.load(Ordering::Relaxed)
+            out.progress.keys_copied.load(Ordering::Relaxed)
         )));
     }
     let store = node.store()?.clone();
@@ -448,7 +450,7 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
     if out.phase() != Phase::Fenced {
         return Err(ApiError::MoveRefused(format!(
             "move {id} ended while fencing: {}",
-            lock(&out.error).clone().unwrap_or_default()
+            out.progress.error().unwrap_or_default()
         )));
     }
     if !out.close_to_reads(fence_limit).await {

@@ -2,7 +2,7 @@
 //! writes, commit (see the module above for the whole protocol).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use super::source::{delete_span, read_page};
 use super::{
     Batch, BatchKind, COMMITTED_KEPT, COMMITTED_RECORD, CommitRequest, INCOMING_RECORD, MoveSpec,
-    MoveStatus, Outcome, Phase, Role, unix_now,
+    MoveStatus, Outcome, Phase, Progress, Role,
 };
 use crate::crash::crash_point;
 use crate::error::ApiError;
@@ -48,12 +48,7 @@ pub struct Incoming {
     span: Span,
     receive: tokio::sync::Mutex<Receive>,
     phase: Mutex<Phase>,
-    copy_done: AtomicBool,
-    keys_copied: AtomicU64,
-    bytes_copied: AtomicU64,
-    writes: AtomicU64,
-    started_at: u64,
-    error: Mutex<Option<String>>,
+    progress: Progress,
 }
 
 impl Incoming {
@@ -66,12 +61,7 @@ impl Incoming {
                 touched: HashSet::new(),
             }),
             phase: Mutex::new(Phase::Receiving),
-            copy_done: AtomicBool::new(false),
-            keys_copied: AtomicU64::new(0),
-            bytes_copied: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-            started_at: unix_now(),
-            error: Mutex::new(None),
+            progress: Progress::new(),
         }
     }
 
@@ -84,27 +74,8 @@ impl Incoming {
     }
 
     pub fn status(&self) -> MoveStatus {
-        MoveStatus {
-            id: self.spec.id.clone(),
-            role: Role::Target,
-            range_start: self.spec.range_start.clone(),
-            range_end: self.spec.range_end.clone(),
-            source: self.spec.source,
-            target: self.spec.target,
-            epoch: self.spec.map.epoch,
-            phase: self.phase(),
-            copy_done: self.copy_done.load(Ordering::Relaxed),
-            keys_copied: self.keys_copied.load(Ordering::Relaxed),
-            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
-            writes_mirrored: self.writes.load(Ordering::Relaxed),
-            lag: 0,
-            started_at: self.started_at,
-            error: self
-                .error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        }
+        self.progress
+            .status(&self.spec, Role::Target, self.phase(), 0)
     }
 }
 
@@ -225,10 +196,12 @@ pub async fn batch(node: &Arc<Node>, id: &str, batch: Batch) -> Result<(), ApiEr
                     tokio::task::yield_now().await;
                 }
             }
-            inc.keys_copied.fetch_add(keys, Ordering::Relaxed);
-            inc.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+            inc.progress.keys_copied.fetch_add(keys, Ordering::Relaxed);
+            inc.progress
+                .bytes_copied
+                .fetch_add(bytes, Ordering::Relaxed);
             if batch.last {
-                inc.copy_done.store(true, Ordering::Relaxed);
+                inc.progress.copy_done.store(true, Ordering::Relaxed);
             }
         }
         BatchKind::Writes => {
@@ -251,7 +224,7 @@ pub async fn batch(node: &Arc<Node>, id: &str, batch: Batch) -> Result<(), ApiEr
             let n = fresh.len() as u64;
             store.write(fresh).await?;
             receive.next_seq += n;
-            inc.writes.fetch_add(n, Ordering::Relaxed);
+            inc.progress.writes.fetch_add(n, Ordering::Relaxed);
         }
     }
     Ok(())
@@ -276,7 +249,7 @@ pub async fn commit(node: &Arc<Node>, id: &str, req: CommitRequest) -> Result<()
             )));
         }
     }
-    if !req.copy_done || !inc.copy_done.load(Ordering::Relaxed) {
+    if !req.copy_done || !inc.progress.copy_done.load(Ordering::Relaxed) {
         return Err(ApiError::MoveRefused(format!(
             "move {id}: the copy is not complete here"
         )));
@@ -352,7 +325,7 @@ pub async fn abort(node: &Arc<Node>, id: &str) -> Result<(), ApiError> {
 
 async fn drop_received(node: &Arc<Node>, inc: &Arc<Incoming>, why: &str) -> Result<(), ApiError> {
     inc.set_phase(Phase::Aborted);
-    *inc.error.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.to_owned());
+    inc.progress.fail(why);
     warn!(id = %inc.spec.id, reason = why, "move aborted; dropping what arrived");
     let store = node.store()?.clone();
     if let Some(state) = store.state() {

@@ -40,12 +40,10 @@ struct Slot<'a> {
     value: &'a [u8],
 }
 
-fn put_varint(out: &mut Vec<u8>, mut n: usize) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
+fn put_varint(out: &mut Vec<u8>, n: usize) {
+    let mut bytes = [0; 10];
+    let len = write_varint(&mut bytes, n);
+    out.extend_from_slice(&bytes[..len]);
 }
 
 /// Appends the entry `key` → `value` in the block format.
@@ -223,16 +221,15 @@ impl Blocks {
                 block[end - old..end].copy_from_slice(value);
                 return Some(key.len() + old);
             }
-            Some((start, end, true, old)) => {
-                resize_exact(block, block.len() - (end - start) + entry_len);
-                replace(block, start..end, key, value, entry_len);
-                (start, Some(key.len() + old))
-            }
-            Some((start, _, false, _)) => {
-                resize_exact(block, block.len() + entry_len);
-                replace(block, start..start, key, value, entry_len);
-                self.len += 1;
-                (start, None)
+            Some((start, end, hit, old)) => {
+                // A hit replaces its entry; a miss goes in before `start`.
+                let gone = if hit { end } else { start };
+                resize_exact(block, block.len() - (gone - start) + entry_len);
+                replace(block, start..gone, key, value, entry_len);
+                if !hit {
+                    self.len += 1;
+                }
+                (start, hit.then_some(key.len() + old))
             }
             None if !block.is_empty() && block.len() + entry_len > MAX_BLOCK => {
                 // The entry would go alone into a new block when this one

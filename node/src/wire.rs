@@ -173,22 +173,27 @@ pub fn json_string(value: &str) -> Vec<u8> {
     json
 }
 
-/// Appends `value` to `out` as a JSON string, byte for byte what
-/// serde_json writes. Most values need no escaping, and checking that
-/// first, eight bytes to a machine word, is several times cheaper than
-/// escaping byte by byte: this is the cost of every GET's body and of
-/// every page a move copies.
-pub fn write_json_string(out: &mut Vec<u8>, value: &str) {
-    let bytes = value.as_bytes();
+/// Whether `bytes` can stand between a JSON string's quotes as they are:
+/// no control character, quote, backslash or DEL. Checked eight bytes to a
+/// machine word, several times cheaper than byte by byte.
+pub fn is_plain(bytes: &[u8]) -> bool {
     let (words, tail) = bytes.as_chunks::<8>();
-    let is_plain = words.chunks(4).all(|four| {
+    words.chunks(4).all(|four| {
         four.iter()
             .fold(0, |bad, w| bad | needs_escape(u64::from_le_bytes(*w)))
             == 0
     }) && tail
         .iter()
-        .all(|&b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f);
-    if is_plain {
+        .all(|&b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f)
+}
+
+/// Appends `value` to `out` as a JSON string, byte for byte what
+/// serde_json writes. Most values need no escaping, and checking that
+/// first is several times cheaper than escaping byte by byte: this is the
+/// cost of every GET's body and of every page a move copies.
+pub fn write_json_string(out: &mut Vec<u8>, value: &str) {
+    let bytes = value.as_bytes();
+    if is_plain(bytes) {
         out.reserve(bytes.len() + 2);
         out.push(b'"');
         out.extend_from_slice(bytes);

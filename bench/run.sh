@@ -20,6 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DUR=${BENCH_DURATION:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
+WINDOW=$((DUR / 2 > 2 ? DUR / 2 : 2))
 CONNS=${BENCH_CONNECTIONS:-64}
 MEM_KEYS=${BENCH_MEMORY_KEYS:-1000000}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
@@ -99,7 +101,7 @@ wait_http() {
 # With STOP=1 wrk writes each key once, then is interrupted.
 load() {
   local url=$1 mode=$2 prefix=$3 keys=$4 stopping=${5:-0}
-  local out=$work/wrk.out marker=$work/wrk.done duration=$DUR
+  local out=$work/wrk.out marker=$work/wrk.done duration=${LOAD_SECONDS:-$DUR}
   rm -f "$marker"
   [ "$stopping" = 1 ] && duration=900
   MODE=$mode PREFIX=$prefix KEYS=$keys STOP=$stopping DONE_FILE=$marker \
@@ -116,6 +118,38 @@ load() {
   fi
 }
 
+# rounds NAME URL MODE PREFIX KEYS [NAME URL ...]: ROUNDS rounds of one
+# WINDOW-second load of each scenario in turn, the order reversed every
+# other round, so that a machine whose speed drifts weighs on each alike.
+# A target compares two scenarios round by round, a few seconds apart,
+# instead of two runs minutes apart. Each run's "req/s p50 p99" is added
+# to $work/rounds/NAME.
+rounds() {
+  local specs=("$@") n=$(($# / 5)) r j i
+  mkdir -p "$work/rounds"
+  for ((r = 0; r < ROUNDS; r++)); do
+    for ((j = 0; j < n; j++)); do
+      i=$((r % 2 ? n - 1 - j : j))
+      LOAD_SECONDS=$WINDOW load "${specs[@]:$((i * 5 + 1)):4}"
+      echo "$rps $p50 $p99" >>"$work/rounds/${specs[$((i * 5))]}"
+    done
+  done
+}
+# median NAME: sets rps p50 p99 to their medians over NAME's rounds.
+median() {
+  read -r rps p50 p99 < <(python3 -c 'import sys, statistics as st
+rows = [[float(x) for x in line.split()] for line in open(sys.argv[1])]
+print(*(round(st.median(col)) for col in zip(*rows)))' "$work/rounds/$1")
+}
+# paired A B: A's req/s against B's in the same round, as the median and
+# the range over the rounds: "0.97x (rounds 0.94-1.02x)".
+paired() {
+  python3 -c 'import sys, statistics as st
+a, b = ([float(line.split()[0]) for line in open(f)] for f in sys.argv[1:])
+r = sorted(x / y for x, y in zip(a, b))
+print(f"{st.median(r):.2f}x (rounds {r[0]:.2f}-{r[-1]:.2f}x)")' "$work/rounds/$1" "$work/rounds/$2"
+}
+
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 rows=()
@@ -125,9 +159,9 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; els
 measured() { row "$1" "$rps" "$(ms "$p50")" "$(ms "$p99")" "${2:-}"; }
 
 # --- HTTP ceiling --------------------------------------------------------
-# ceiling LABEL: measures the bare handler; sets ceiling_rps. Measured
-# again right before CAVI's own rows: this machine's speed drifts by a
-# fifth within minutes, and the ratios to the ceiling are targets.
+# ceiling LABEL: measures the bare handler answering a constant, for
+# reference. The targets compare with the ceiling under the same requests,
+# measured in rounds beside each build (two_shards).
 ceiling() {
   local port
   port=$(free_port)
@@ -135,7 +169,6 @@ ceiling() {
   wait_http "http://127.0.0.1:$port/"
   log "HTTP ceiling"
   load "http://127.0.0.1:$port" constant a 1
-  ceiling_rps=$rps
   measured "$1"
   stop "$last_pid"
 }
@@ -150,28 +183,47 @@ two_ranges() {
 
 # --- CAVI in memory, two shards ------------------------------------------
 # two_shards BINARY LABEL [TARGETS]: local and forwarded GET, PUT and a
-# 2-shard search of one build; sets two_local two_fwd two_put.
+# 2-shard search of one build; sets two_local two_fwd two_put (medians).
+# The ceiling runs beside the node and gets the very same requests, round
+# by round: wrk's own cost per request differs between request streams
+# (a GET's key is formatted in Lua, its answer is longer), and wrk's core
+# is as busy as the server's, so a ceiling measured with another stream
+# would charge the node for wrk's work. The constant stream of the first
+# row is measured in the same rounds, for comparison with earlier runs.
 two_shards() {
-  local bin=$1 label=$2 targets=${3:-}
-  p0=$(free_port); p1=$(free_port)
+  local bin=$1 label=$2 targets=${3:-} pc
+  p0=$(free_port); p1=$(free_port); pc=$(free_port)
   two_ranges m n >"$work/two.yaml"
   serve two "$bin" all "$work/two.yaml"
   local pid=$last_pid
+  serve ceiling "$CEILING" "127.0.0.1:$pc"
+  local ceiling_pid=$last_pid
   wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
+  wait_http "http://127.0.0.1:$pc/"
   load "http://127.0.0.1:$p0" put a "$WARM_KEYS" 1
   load "http://127.0.0.1:$p1" put n "$WARM_KEYS" 1
-  log "$label: local GET"
-  load "http://127.0.0.1:$p0" get a "$WARM_KEYS"
+  log "$label: ceiling, local GET and forwarded GET, $ROUNDS rounds"
+  rounds "$label-constant" "http://127.0.0.1:$pc" constant a 1 \
+    "$label-ceiling-get" "http://127.0.0.1:$pc" get a "$WARM_KEYS" \
+    "$label-get" "http://127.0.0.1:$p0" get a "$WARM_KEYS" \
+    "$label-fwd" "http://127.0.0.1:$p1" get a "$WARM_KEYS"
+  median "$label-ceiling-get"
+  measured "  ceiling, the same GETs"
+  median "$label-get"
   two_local=$rps
-  measured "$label local GET" "$(ratio "$rps" "$ceiling_rps") of ceiling${targets:+ (target >= 0.90x)}"
-  log "$label: forwarded GET"
-  load "http://127.0.0.1:$p1" get a "$WARM_KEYS"
+  measured "$label local GET" "$(paired "$label-get" "$label-ceiling-get") of ceiling${targets:+ (target >= 0.90x)}; $(paired "$label-get" "$label-constant") of the constant one"
+  median "$label-fwd"
   two_fwd=$rps
-  measured "$label forwarded GET" "$(ratio "$rps" "$two_local") of its local GET${targets:+ (target >= 0.45x)}"
-  log "$label: PUT"
-  load "http://127.0.0.1:$p0" put b "$WARM_KEYS"
+  measured "$label forwarded GET" "$(paired "$label-fwd" "$label-get") of its local GET${targets:+ (target >= 0.45x)}"
+  log "$label: ceiling and PUT, $ROUNDS rounds"
+  rounds "$label-ceiling-put" "http://127.0.0.1:$pc" put b "$WARM_KEYS" \
+    "$label-put" "http://127.0.0.1:$p0" put b "$WARM_KEYS"
+  stop "$ceiling_pid"
+  median "$label-ceiling-put"
+  measured "  ceiling, the same PUTs"
+  median "$label-put"
   two_put=$rps
-  measured "$label PUT (memory)" "$(ratio "$rps" "$ceiling_rps") of ceiling${targets:+ (target >= 0.85x)}"
+  measured "$label PUT (memory)" "$(paired "$label-put" "$label-ceiling-put") of ceiling${targets:+ (target >= 0.85x)}; $(paired "$label-put" "$label-constant") of the constant one"
   log "$label: search over 2 shards"
   load "http://127.0.0.1:$p0" search a 1
   measured "$label search, 2 shards (limit=10)"
@@ -212,9 +264,8 @@ if [ -n "$OLD_NODE" ]; then
   eight_shards "$OLD_NODE" "baseline"
   old_search=$eight_search
 fi
-[ -n "$OLD_NODE" ] && ceiling "HTTP ceiling, again"
 two_shards "$NODE" "CAVI" targets
-local_rps=$two_local put_rps=$two_put
+local_rps=$two_local
 if [ -n "$OLD_NODE" ]; then
   baseline_note "GET $(ratio "$two_local" "$old_local"), forwarded $(ratio "$two_fwd" "$old_fwd"), PUT $(ratio "$two_put" "$old_put")"
 fi
@@ -312,15 +363,26 @@ measured "  PUT on the target, during" "$(ratio "$rps" "${put_before[0]}") of be
 stop "$move_pid"
 
 # --- Durable: CAVI on disk vs etcd ---------------------------------------
-pd=$(free_port)
+# The durable node and its peer, the same one-shard node in memory, take
+# PUTs in alternating rounds.
+pd=$(free_port); pmem=$(free_port)
 printf 'shards:\n  - { id: 0, addr: "127.0.0.1:%s" }\n' "$pd" >"$work/one.yaml"
+printf 'shards:\n  - { id: 0, addr: "127.0.0.1:%s" }\n' "$pmem" >"$work/one-memory.yaml"
 serve disk "$NODE" 0 "$work/one.yaml" --data-dir "$work/cavi-data"
 disk_pid=$last_pid
-wait_http "http://127.0.0.1:$pd/readyz"
-log "durable PUT"
-load "http://127.0.0.1:$pd" put a "$WARM_KEYS"
+serve one-memory "$NODE" 0 "$work/one-memory.yaml"
+one_memory_pid=$last_pid
+wait_http "http://127.0.0.1:$pd/readyz"; wait_http "http://127.0.0.1:$pmem/readyz"
+log "durable PUT and memory PUT, $ROUNDS rounds"
+rounds durable-put "http://127.0.0.1:$pd" put a "$WARM_KEYS" \
+  memory-put "http://127.0.0.1:$pmem" put a "$WARM_KEYS"
+stop "$one_memory_pid"
+median durable-put
 durable_rps=$rps
 durable_row=("$rps" "$(ms "$p50")" "$(ms "$p99")")
+durable_vs_memory=$(paired durable-put memory-put)
+median memory-put
+memory_row=("$rps" "$(ms "$p50")" "$(ms "$p99")")
 log "GET from disk"
 load "http://127.0.0.1:$pd" get a "$WARM_KEYS"
 disk_get=("$rps" "$(ms "$p50")" "$(ms "$p99")")
@@ -336,7 +398,8 @@ wait_http "http://127.0.0.1:$pe/health"
 log "etcd PUT"
 load "http://127.0.0.1:$pe" etcd_put a "$WARM_KEYS"
 etcd_rps=$rps
-row "durable PUT (disk, fsync per ack)" "${durable_row[@]}" "$(ratio "$durable_rps" "$etcd_rps") of etcd PUT (target >= 2.00x), $(ratio "$durable_rps" "$put_rps") of memory PUT (target >= 0.50x)"
+row "durable PUT (disk, fsync per ack)" "${durable_row[@]}" "$(ratio "$durable_rps" "$etcd_rps") of etcd PUT (target >= 2.00x), $durable_vs_memory of memory PUT (target >= 0.50x)"
+row "  memory PUT, one shard" "${memory_row[@]}"
 measured "etcd PUT (HTTP gateway, fsync)"
 row "GET from disk" "${disk_get[@]}" "$(ratio "${disk_get[0]}" "$local_rps") of GET from memory"
 stop "$etcd_pid"

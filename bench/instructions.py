@@ -37,18 +37,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_ready(port, path, proc, timeout=120):
+def wait_ready(port, path, proc, timeout=120, method="GET"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"server exited with {proc.returncode} before answering on port {port}")
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            c.request("GET", path)
+            c.request(method, path)
             r = c.getresponse()
             r.read()
             c.close()
-            if r.status == 200:
+            if r.status in (200, 204):
                 return
         except OSError:
             pass
@@ -70,7 +70,7 @@ class Session:
             sys.exit(f"{method} {path} answered {r.status}, expected {expect}")
 
 
-def count(work, name, cmd, ports, entry, request, n, warm, setup=None, ready="/readyz"):
+def count(work, name, cmd, ports, entry, request, n, warm, setup=None, ready="/readyz", ready_method="GET"):
     """Instructions per request of `request(i)` sent to `entry` (a port)."""
     out = os.path.join(work, "callgrind." + name.replace(" ", "_"))
     for f in glob.glob(out + "*"):
@@ -83,7 +83,7 @@ def count(work, name, cmd, ports, entry, request, n, warm, setup=None, ready="/r
     )
     try:
         for port in ports:
-            wait_ready(port, ready, proc)
+            wait_ready(port, ready, proc, method=ready_method)
         if setup:
             setup()
         s = Session(entry)
@@ -193,18 +193,23 @@ def main():
         # very GETs and PUTs of the node scenarios (routing a longer path
         # costs it too).
         ceilings = {}
-        for name, request in [("constant", lambda i: ("GET", "/")), ("GETs", get), ("PUTs", put)]:
+        for name, request, mode in [
+            ("constant", lambda i: ("GET", "/"), []),
+            ("GETs", get, []),
+            ("PUTs", put, ["put"]),
+        ]:
             port = free_port()
             ceilings[name] = count(
                 work,
                 f"ceiling {name}",
-                [args.ceiling, f"127.0.0.1:{port}"],
+                [args.ceiling, f"127.0.0.1:{port}"] + mode,
                 (port,),
                 port,
                 request,
                 args.requests,
                 args.warm,
                 ready="/",
+                ready_method="PUT" if mode else "GET",
             )
         now = node_scenarios(work, args.node, args.requests, args.warm)
         before = node_scenarios(work, args.baseline, args.requests, args.warm) if args.baseline else {}

@@ -88,9 +88,10 @@ serve() {
 
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
+# wait_http URL [METHOD]: waits for a 2xx answer.
 wait_http() {
   for _ in $(seq 200); do
-    curl -fs -o /dev/null "$1" && return 0
+    curl -fs -o /dev/null -X "${2:-GET}" "$1" && return 0
     sleep 0.05
   done
   echo "no answer from $1" >&2
@@ -191,15 +192,18 @@ two_ranges() {
 # would charge the node for wrk's work. The constant stream of the first
 # row is measured in the same rounds, for comparison with earlier runs.
 two_shards() {
-  local bin=$1 label=$2 targets=${3:-} pc
-  p0=$(free_port); p1=$(free_port); pc=$(free_port)
+  local bin=$1 label=$2 targets=${3:-} pc pcp
+  p0=$(free_port); p1=$(free_port); pc=$(free_port); pcp=$(free_port)
   two_ranges m n >"$work/two.yaml"
   serve two "$bin" all "$work/two.yaml"
   local pid=$last_pid
   serve ceiling "$CEILING" "127.0.0.1:$pc"
   local ceiling_pid=$last_pid
+  serve ceiling-put "$CEILING" "127.0.0.1:$pcp" put
+  local ceiling_put_pid=$last_pid
   wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
   wait_http "http://127.0.0.1:$pc/"
+  wait_http "http://127.0.0.1:$pcp/" PUT
   load "http://127.0.0.1:$p0" put a "$WARM_KEYS" 1
   load "http://127.0.0.1:$p1" put n "$WARM_KEYS" 1
   log "$label: ceiling, local GET and forwarded GET, $ROUNDS rounds"
@@ -216,9 +220,9 @@ two_shards() {
   two_fwd=$rps
   measured "$label forwarded GET" "$(paired "$label-fwd" "$label-get") of its local GET${targets:+ (target >= 0.45x)}"
   log "$label: ceiling and PUT, $ROUNDS rounds"
-  rounds "$label-ceiling-put" "http://127.0.0.1:$pc" put b "$WARM_KEYS" \
+  rounds "$label-ceiling-put" "http://127.0.0.1:$pcp" put b "$WARM_KEYS" \
     "$label-put" "http://127.0.0.1:$p0" put b "$WARM_KEYS"
-  stop "$ceiling_pid"
+  stop "$ceiling_pid"; stop "$ceiling_put_pid"
   median "$label-ceiling-put"
   measured "  ceiling, the same PUTs"
   median "$label-put"

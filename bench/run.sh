@@ -313,7 +313,10 @@ row "cavi load, routed (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_se
 # Shard 0 holds a..m with MOVE_KEYS keys of 1,000-byte values in h..m; a
 # reshard moves h..m to shard 1 while wrk GETs a-keys from shard 0 (the
 # source), then moves it back while wrk PUTs them (shard 0 is then the
-# target). Each is compared with the same wrk run before any move.
+# target). Each move is compared with the same wrk load run right before
+# it, and the pair is repeated ROUNDS times: one move's window is under
+# two seconds, and a stall of a few milliseconds moves its p99 by a whole
+# unit.
 p0=$(free_port); p1=$(free_port)
 two_ranges m n >"$work/move-before.yaml"
 two_ranges g h >"$work/move-after.yaml"
@@ -323,11 +326,6 @@ wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
 load "http://127.0.0.1:$p0" put a "$WARM_KEYS" 1
 log "resharding: loading $MOVE_KEYS keys of 1,000 bytes into h..m"
 VALUE_BYTES=1000 load "http://127.0.0.1:$p0" put h "$MOVE_KEYS" 1
-log "resharding: foreground GET and PUT before any move"
-load "http://127.0.0.1:$p0" get a "$WARM_KEYS"
-get_before=("$rps" "$p99")
-load "http://127.0.0.1:$p0" put a "$WARM_KEYS"
-put_before=("$rps" "$p99")
 
 # during MODE LAYOUT: wrk runs MODE against shard 0 for exactly as long as
 # `cavi reshard` takes to reach LAYOUT; sets rps p50 p99 move_secs.
@@ -349,21 +347,54 @@ during() {
 }
 node_bytes() { curl -fs "http://127.0.0.1:$1/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])'; }
 node_keys() { curl -fs "http://127.0.0.1:$1/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"])'; }
-move_row() {
-  local what=$1 bytes=$2 keys=$3
-  row "reshard: $what" "" "" "" "$keys keys, $(awk -v b="$bytes" 'BEGIN { printf "%.0f", b / 1e6 }') MB in $move_secs s: $(awk -v b="$bytes" -v s="$move_secs" 'BEGIN { printf "%.0f", b / 1e6 / s }') MB/s, $(awk -v k="$keys" -v s="$move_secs" 'BEGIN { printf "%.0f", k / s }') keys/s (target >= 50 MB/s)"
+# moved NAME MODE LAYOUT BYTES KEYS: one move under MODE, after the same
+# load without a move; adds "req/s p50 p99" before and "req/s p50 p99
+# seconds bytes keys" during to $work/rounds/NAME-before and NAME.
+moved() {
+  local name=$1 mode=$2 layout=$3
+  LOAD_SECONDS=$WINDOW load "http://127.0.0.1:$p0" "$mode" a "$WARM_KEYS"
+  echo "$rps $p50 $p99" >>"$work/rounds/$name-before"
+  during "$mode" "$layout"
+  echo "$rps $p50 $p99 $move_secs $("$4") $("$5")" >>"$work/rounds/$name"
+}
+out_bytes() { node_bytes "$p1"; }
+out_keys() { node_keys "$p1"; }
+back_bytes() { tail -n1 "$work/rounds/move-out" | cut -d' ' -f5; }
+back_keys() { echo $(($(node_keys "$p0") - WARM_KEYS)); }
+# move_rows NAME WHAT LOAD: the move's row and its load's row, medians
+# over the rounds with their range.
+move_rows() {
+  local lines
+  mapfile -t lines < <(python3 - "$work/rounds/$1-before" "$work/rounds/$1" <<'PY'
+import sys, statistics as st
+before = [[float(x) for x in l.split()] for l in open(sys.argv[1])]
+during = [[float(x) for x in l.split()] for l in open(sys.argv[2])]
+def spread(values, fmt):
+    v = sorted(values)
+    return fmt.format(st.median(v)), (fmt + "-" + fmt).format(v[0], v[-1])
+mbs = spread([d[4] / 1e6 / d[3] for d in during], "{:.0f}")
+keys = spread([d[5] / d[3] for d in during], "{:.0f}")
+fg = spread([d[0] / b[0] for b, d in zip(before, during)], "{:.2f}")
+p99 = spread([d[2] / b[2] for b, d in zip(before, during)], "{:.2f}")
+m = sorted(during, key=lambda d: d[3])[len(during) // 2]
+print(f"{m[5]:.0f} keys, {m[4] / 1e6:.0f} MB in {m[3]:.2f} s: {mbs[0]} MB/s (moves {mbs[1]}), {keys[0]} keys/s (target >= 50 MB/s)")
+print(*(round(st.median(c)) for c in list(zip(*during))[:3]))
+print(f"{fg[0]}x of before (moves {fg[1]}x; target >= 0.70x), p99 {p99[0]}x of before (moves {p99[1]}x; target <= 2.00x)")
+PY
+  )
+  row "reshard: $2" "" "" "" "${lines[0]}"
+  read -r rps p50 p99 <<<"${lines[1]}"
+  measured "  $3, during" "${lines[2]}"
 }
 
-log "resharding: h..m to shard 1 under GETs"
-during get "$work/move-after.yaml"
-moved_bytes=$(node_bytes "$p1") moved_keys=$(node_keys "$p1")
-move_row "h..m from shard 0 to 1" "$moved_bytes" "$moved_keys"
-measured "  GET on the source, during" "$(ratio "$rps" "${get_before[0]}") of before (target >= 0.70x), p99 $(ratio "$p99" "${get_before[1]}") of before (target <= 2.00x)"
-log "resharding: h..m back to shard 0 under PUTs"
-during put "$work/move-before.yaml"
-back_keys=$(( $(node_keys "$p0") - WARM_KEYS ))
-move_row "h..m back from shard 1 to 0" "$moved_bytes" "$back_keys"
-measured "  PUT on the target, during" "$(ratio "$rps" "${put_before[0]}") of before (target >= 0.70x), p99 $(ratio "$p99" "${put_before[1]}") of before (target <= 2.00x)"
+for ((r = 0; r < ROUNDS; r++)); do
+  log "resharding, round $((r + 1)) of $ROUNDS: h..m to shard 1 under GETs"
+  moved move-out get "$work/move-after.yaml" out_bytes out_keys
+  log "resharding, round $((r + 1)) of $ROUNDS: h..m back to shard 0 under PUTs"
+  moved move-back put "$work/move-before.yaml" back_bytes back_keys
+done
+move_rows move-out "h..m from shard 0 to 1" "GET on the source"
+move_rows move-back "h..m back from shard 1 to 0" "PUT on the target"
 stop "$move_pid"
 
 # --- Durable: CAVI on disk vs etcd ---------------------------------------

@@ -133,8 +133,9 @@ impl FromRequest<Arc<Node>> for PutBody {
 }
 
 /// The value of the body clients send, `{"value":"..."}` with nothing to
-/// unescape, read without serde_json: a third of the instructions a PUT
-/// spends in its own code. Any other body (and any error) goes through
+/// unescape, read without serde_json (callgrind: about 800 instructions a
+/// PUT, most of them the value's allocation and UTF-8 check, against about
+/// 1,200 for serde_json). Any other body (and any error) goes through
 /// `parse_json`, which gives the same value for every body this accepts.
 fn plain_put_value(raw: &[u8]) -> Option<String> {
     let rest = json_trim_start(raw).strip_prefix(b"{")?;

@@ -2,7 +2,7 @@
 //! steady load of 16 writers and readers, `cavi reshard` splitting a
 //! range, moving a boundary and merging; then the target, the source and
 //! the driver killed with SIGKILL in the middle of a move, restarted, and
-//! the command run again.
+//! the command run again; layouts that cannot be reached refused up front.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -525,4 +525,88 @@ async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
     assert_eq!(moved.body, "written-in-the-fence", "{moved:?}");
     let moved = client.get(&nodes[1].url(), "h005").await;
     assert_eq!(moved.body, "v-h005", "{moved:?}");
+}
+
+/// A layout that cannot be reached is refused before anything changes
+/// hands, with a sentence naming the shard: overlapping or unsorted
+/// ranges, an address nobody answers, an address that serves another
+/// shard. The epoch, every key and every node's count stay as they were,
+/// and no move lock is left behind: a valid layout runs right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_that_cannot_be_reached_is_refused_before_anything_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.yaml");
+    let mut nodes = start_nodes(dir.path(), &[0, 1], &config).await;
+    start_in_two_ranges(&config, &mut nodes).await;
+    let client = Client::new();
+    let keys = preload(&client, &nodes[0].url(), "bhqx", 25).await;
+    let before: Vec<Value> = vec![
+        cluster(&client, &nodes[0]).await,
+        cluster(&client, &nodes[1]).await,
+    ];
+    let (a0, a1) = (nodes[0].addr.clone(), nodes[1].addr.clone());
+    let nobody = format!("127.0.0.1:{}", cavi_node::testkit::process::free_port());
+
+    let cases = [
+        (
+            "overlap",
+            format!(
+                "shards:\n  - {{ id: 0, addr: \"{a0}\", range_end: \"m\" }}\n  - {{ id: 1, addr: \"{a1}\", range_start: \"k\" }}\n"
+            ),
+            vec!["shards 0", "and 1", "overlap"],
+        ),
+        (
+            "unsorted",
+            format!(
+                "shards:\n  - {{ id: 1, addr: \"{a1}\", range_start: \"n\" }}\n  - {{ id: 0, addr: \"{a0}\", range_end: \"m\" }}\n"
+            ),
+            vec!["key order", "shard 0"],
+        ),
+        (
+            "nobody answers",
+            format!(
+                "shards:\n  - {{ id: 0, addr: \"{a0}\", range_end: \"f\" }}\n  - {{ id: 2, addr: \"{nobody}\", range_start: \"g\", range_end: \"m\" }}\n  - {{ id: 1, addr: \"{a1}\", range_start: \"n\" }}\n"
+            ),
+            vec!["shard 2", "does not answer", "start it first"],
+        ),
+        (
+            "an address of another shard",
+            format!(
+                "shards:\n  - {{ id: 0, addr: \"{a0}\", range_end: \"f\" }}\n  - {{ id: 2, addr: \"{a1}\", range_start: \"g\", range_end: \"m\" }}\n  - {{ id: 1, addr: \"{a1}\", range_start: \"n\" }}\n"
+            ),
+            vec!["shard 2", "serves shard 1"],
+        ),
+    ];
+    for (what, text, sentence) in cases {
+        let file = dir.path().join(format!("{}.yaml", what.replace(' ', "-")));
+        std::fs::write(&file, text).unwrap();
+        let run = cavi_reshard(&nodes[0], &file, &[]).await;
+        assert_ne!(run.code, 0, "{what}: refused");
+        for part in sentence {
+            assert!(
+                run.stderr.contains(part),
+                "{what}: {:?} in {}",
+                part,
+                run.stderr
+            );
+        }
+        for (node, was) in nodes.iter().zip(&before) {
+            let now = cluster(&client, node).await;
+            assert_eq!(now["epoch"], was["epoch"], "{what}: the epoch stayed");
+            assert_eq!(now["keys"], was["keys"], "{what}: the keys stayed");
+            assert_eq!(now["shards"], was["shards"], "{what}: the map stayed");
+        }
+    }
+    check_preloaded(&client, &nodes[1].url(), &keys).await;
+
+    // Nothing was locked: a layout that can be reached runs at once.
+    let boundary = dir.path().join("boundary.yaml");
+    layout(
+        &boundary,
+        &[(0, &nodes[0], "", Some("f")), (1, &nodes[1], "g", None)],
+    );
+    let run = cavi_reshard(&nodes[0], &boundary, &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(cluster(&client, &nodes[1]).await["keys"], 75);
+    check_preloaded(&client, &nodes[0].url(), &keys).await;
 }

@@ -367,3 +367,68 @@ pub(crate) async fn resume(node: &Arc<Node>) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::config::ClusterConfig;
+    use crate::settings::Settings;
+    use crate::shard_map::ShardMap;
+    use crate::store::MemoryStore;
+
+    /// Shard 1 of `a..m, n..z`, and a move of `g..m` from shard 0 to it.
+    fn shard_1_and_a_move() -> (Arc<Node>, MoveSpec) {
+        let layout = |boundary: &str| {
+            ClusterConfig::from_yaml(&format!(
+                "shards:\n  - {{ id: 0, addr: \"127.0.0.1:1\", range_start: \"a\", range_end: \"{boundary}\" }}\n  - {{ id: 1, addr: \"127.0.0.1:2\", range_start: \"{}\", range_end: \"z\" }}\n",
+                char::from(boundary.as_bytes()[0] + 1)
+            ))
+            .unwrap()
+        };
+        let now = ShardMap::from_config(&layout("m"));
+        let mut next = ShardMap::from_config(&layout("f"));
+        next.epoch = now.epoch + 1;
+        let node = Arc::new(
+            Node::new(
+                now.clone(),
+                1,
+                Arc::new(MemoryStore::new()),
+                Settings::default(),
+            )
+            .unwrap(),
+        );
+        let spec = MoveSpec {
+            id: "m1".into(),
+            range_start: "g".into(),
+            range_end: Some("m".into()),
+            source: 0,
+            target: 1,
+            base_epoch: now.epoch,
+            map: next,
+        };
+        (node, spec)
+    }
+
+    /// A target takes a range only where it holds nothing: a key it holds
+    /// in the range (left by whatever means) would mix with the source's.
+    #[tokio::test]
+    async fn a_target_holding_keys_in_the_range_refuses_it() {
+        let (node, spec) = shard_1_and_a_move();
+        node.store().unwrap().put("h-stray", "x").await.unwrap();
+        let e = prepare(&node, spec).await.unwrap_err();
+        assert_eq!(e.code(), "move_refused", "{e}");
+        assert!(
+            e.to_string().contains("already holds keys in") && e.to_string().contains("h-stray"),
+            "{e}"
+        );
+        assert!(node.incoming.load_full().is_none(), "nothing was prepared");
+
+        // The same move into an empty range is taken.
+        let (node, spec) = shard_1_and_a_move();
+        node.store().unwrap().put("p-own", "x").await.unwrap();
+        let status = prepare(&node, spec).await.unwrap();
+        assert_eq!(status.phase, Phase::Receiving);
+    }
+}

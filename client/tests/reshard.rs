@@ -531,7 +531,8 @@ async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
 /// hands, with a sentence naming the shard: overlapping or unsorted
 /// ranges, an address nobody answers, an address that serves another
 /// shard. The epoch, every key and every node's count stay as they were,
-/// and no move lock is left behind: a valid layout runs right after.
+/// and no move lock is left behind: a valid layout runs right after, and
+/// the source's metrics count that one move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layout_that_cannot_be_reached_is_refused_before_anything_moves() {
     let dir = tempfile::tempdir().unwrap();
@@ -609,4 +610,41 @@ async fn a_layout_that_cannot_be_reached_is_refused_before_anything_moves() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(cluster(&client, &nodes[1]).await["keys"], 75);
     check_preloaded(&client, &nodes[0].url(), &keys).await;
+
+    // The source's metrics count the one move, its keys and bytes, and
+    // how long it took; both nodes route by the new epoch.
+    let source = metrics(&client, &nodes[0]).await;
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(value(&source, "cavi_moves_total{outcome=\"started\"}"), 1.0);
+    assert_eq!(
+        value(&source, "cavi_moves_total{outcome=\"committed\"}"),
+        1.0
+    );
+    assert_eq!(value(&source, "cavi_move_keys_total"), 25.0);
+    let bytes = value(&source, "cavi_move_bytes_total");
+    assert!((25.0 * 2000.0..25.0 * 2100.0).contains(&bytes), "{bytes}");
+    assert_eq!(value(&source, "cavi_move_duration_seconds_count"), 1.0);
+    assert!(value(&source, "cavi_move_duration_seconds_sum") > 0.0);
+    for node in &nodes {
+        assert_eq!(
+            value(&metrics(&client, node).await, "cavi_shard_map_epoch"),
+            1.0
+        );
+    }
+}
+
+async fn metrics(client: &Client, node: &NodeProc) -> String {
+    client
+        .http
+        .get(format!("{}/metrics", node.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

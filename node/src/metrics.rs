@@ -117,6 +117,7 @@ pub struct Metrics {
     moved_keys: Counter,
     moved_bytes: Counter,
     fence: Histogram,
+    move_duration: Histogram,
     phase: Family<PhaseLabels, Gauge>,
 }
 
@@ -147,6 +148,8 @@ impl Metrics {
         let moved_keys = Counter::default();
         let moved_bytes = Counter::default();
         let fence = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        // 0.1 s to about 55 minutes.
+        let move_duration = Histogram::new(exponential_buckets(0.1, 2.0, 16));
         let phase = Family::<PhaseLabels, Gauge>::default();
         registry.register(
             "shard_map_epoch",
@@ -174,6 +177,12 @@ impl Metrics {
             "How long a range move held requests for its range (fence to commit)",
             Unit::Seconds,
             fence.clone(),
+        );
+        registry.register_with_unit(
+            "move_duration",
+            "How long range moves this node was the source of took, from start (or resume after a restart) to commit or abort",
+            Unit::Seconds,
+            move_duration.clone(),
         );
         registry.register(
             "move_phase",
@@ -229,6 +238,7 @@ impl Metrics {
             moved_keys,
             moved_bytes,
             fence,
+            move_duration,
             phase,
         }
     }
@@ -239,8 +249,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn move_ended(&self, outcome: &'static str) {
+    /// A move this node was the source of ended with `outcome` after
+    /// `took`.
+    pub fn move_ended(&self, outcome: &'static str, took: Duration) {
         self.moves.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.move_duration.observe(took.as_secs_f64());
     }
 
     pub fn moved(&self, keys: u64, bytes: u64) {

@@ -214,6 +214,8 @@ pub(crate) struct Progress {
     /// Tapped writes sent on (source) or applied (target).
     pub(crate) writes: AtomicU64,
     started_at: u64,
+    /// The same start, for durations (the clock above may step).
+    started: std::time::Instant,
     error: Mutex<Option<String>>,
 }
 
@@ -225,8 +227,14 @@ impl Progress {
             bytes_copied: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             started_at: unix_now(),
+            started: std::time::Instant::now(),
             error: Mutex::new(None),
         }
+    }
+
+    /// Time since this side started (or resumed) the move.
+    pub(crate) fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     pub(crate) fn fail(&self, why: &str) {

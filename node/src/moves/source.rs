@@ -341,7 +341,7 @@ pub(crate) async fn abort(node: &Arc<Node>, out: &Arc<Outgoing>, why: &str) {
             warn!(error = %e, "cannot clear the move record");
         }
     }
-    node.metrics.move_ended("aborted");
+    node.metrics.move_ended("aborted", out.progress.elapsed());
     if let Ok(addr) = target_addr(&out.spec)
         && let Err(e) = node.peers.abort_target(&addr, &out.spec.id).await
     {
@@ -567,7 +567,7 @@ async fn finish(node: &Arc<Node>, out: &Arc<Outgoing>) -> Result<(), ApiError> {
     }
     out.set_phase(Phase::Committed);
     info!(id = %out.spec.id, epoch = out.spec.map.epoch, "committed: the target owns the range");
-    node.metrics.move_ended("committed");
+    node.metrics.move_ended("committed", out.progress.elapsed());
     let _ = store.set_tap(None).await;
     tokio::spawn(clean_up(node.clone(), out.clone()));
     Ok(())

@@ -1,5 +1,6 @@
 //! Fanned-out prefix search: merged and sorted, scoped, limited, and never
-//! silently partial.
+//! silently partial; a range that moved during a search is asked of its
+//! new owner.
 #![allow(clippy::unwrap_used)]
 
 use cavi_node::testkit as common;
@@ -206,4 +207,55 @@ async fn a_spoofed_forwarded_header_cannot_shrink_a_public_search() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.keys(), ["apple", "nut"]);
     assert!(!r.headers.contains_key(PARTIAL_HEADER));
+}
+
+/// A search runs against the map it started with. A shard that gave a
+/// range away since answers 421 with its newer epoch; the search takes
+/// the newer map from it and asks the range's new owner, so the answer is
+/// whole and not marked partial.
+#[tokio::test]
+async fn a_search_follows_a_range_that_moved_to_its_new_owner() {
+    use cavi_node::config::{ClusterConfig, ShardConfig};
+    let shard = |id: u32, addr: std::net::SocketAddr, start: &str, end: &str| ShardConfig {
+        id,
+        addr: addr.to_string(),
+        range_start: start.into(),
+        range_end: Some(end.into()),
+    };
+    let ((la, a), (lb, b), (lc, c)) = (
+        common::bind().await,
+        common::bind().await,
+        common::bind().await,
+    );
+    // Epoch 0, which the entry node still routes by: g..m on shard 2.
+    let old = ClusterConfig {
+        epoch: 0,
+        shards: vec![
+            shard(0, a, "a", "f"),
+            shard(2, c, "g", "m"),
+            shard(1, b, "n", "z"),
+        ],
+    };
+    // Epoch 1: g..m moved to shard 1; shard 2 owns nothing.
+    let new = ClusterConfig {
+        epoch: 1,
+        shards: vec![shard(0, a, "a", "f"), shard(1, b, "g", "z")],
+    };
+    let entry = common::spawn_node(la, old, 0, fast_settings());
+    let owner = common::spawn_node(lb, new.clone(), 1, fast_settings());
+    let _gave_away = common::spawn_node(lc, new, 2, fast_settings());
+    entry.node.store().unwrap().put("apple", "A").await.unwrap();
+    owner.node.store().unwrap().put("grape", "G").await.unwrap();
+    owner.node.store().unwrap().put("nut", "N").await.unwrap();
+
+    let client = common::Client::new();
+    let all = client.search(&entry.url(), "prefix=").await;
+    assert_eq!(all.status, StatusCode::OK, "{all:?}");
+    assert_eq!(all.keys(), ["apple", "grape", "nut"]);
+    assert!(all.headers.get(PARTIAL_HEADER).is_none());
+    assert_eq!(
+        entry.node.map().epoch,
+        1,
+        "the entry node took the newer map"
+    );
 }

@@ -508,6 +508,7 @@ async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
         let read = client.get(&url0, "h005").await;
         let held_done = held.is_finished();
         let phase = source_phase(&client, &nodes[0]).await;
+        let gauge = phase_gauge(&metrics(&client, &nodes[0]).await, "source", "fenced");
         assert_eq!(read.status, StatusCode::OK, "{read:?}");
         assert_eq!(read.body, "v-h005");
         assert_eq!(
@@ -516,6 +517,7 @@ async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
             "the read waited for the fence to end"
         );
         assert!(!held_done, "a write to a fenced range was not held");
+        assert_eq!(gauge, Some(1.0), "cavi_move_phase shows the fenced source");
         held.await.unwrap()
     };
     let (run, put) = tokio::join!(cavi_reshard(&nodes[0], &target, &[]), in_the_fence);
@@ -525,6 +527,22 @@ async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
     assert_eq!(moved.body, "written-in-the-fence", "{moved:?}");
     let moved = client.get(&nodes[1].url(), "h005").await;
     assert_eq!(moved.body, "v-h005", "{moved:?}");
+    let after = metrics(&client, &nodes[0]).await;
+    assert!(
+        phase_gauge(&after, "source", "fenced").unwrap_or(0.0) == 0.0,
+        "no move is fenced any more:\n{after}"
+    );
+}
+
+/// The value of `cavi_move_phase{role, phase}` in a metrics page, if the
+/// series is there.
+fn phase_gauge(text: &str, role: &str, phase: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with("cavi_move_phase{"))
+        .filter(|l| {
+            l.contains(&format!("role=\"{role}\"")) && l.contains(&format!("phase=\"{phase}\""))
+        })
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// A layout that cannot be reached is refused before anything changes

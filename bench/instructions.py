@@ -130,13 +130,23 @@ def fill(port, prefix, keys):
         s.send("PUT", f"/kv/{prefix}{i:015d}", VALUE)
 
 
+def kv_get(keys):
+    """GETs of the `keys` keys a scenario fills, in turn."""
+    return lambda i: ("GET", f"/kv/a{i % keys:015d}")
+
+
+def kv_put(i):
+    """A PUT of a new key, in order."""
+    return ("PUT", f"/kv/b{i:015d}", VALUE)
+
+
 def node_scenarios(work, node, n, warm):
     """Instructions per request of each node scenario, by name."""
     keys = n + warm
     two = os.path.join(work, "two.yaml")
     p0, p1 = layout(two, [("a", "m"), ("n", "z")])
     both = (p0, p1)
-    get = lambda i: ("GET", f"/kv/a{i % keys:015d}")
+    get = kv_get(keys)
     found = {}
     found["local GET"] = count(
         work, "local GET", [node, "all", two], both, p0, get, n, warm, setup=lambda: fill(p0, "a", keys)
@@ -145,7 +155,7 @@ def node_scenarios(work, node, n, warm):
         work, "forwarded GET", [node, "all", two], both, p1, get, n, warm, setup=lambda: fill(p0, "a", keys)
     )
     found["PUT (memory)"] = count(
-        work, "PUT", [node, "all", two], both, p0, lambda i: ("PUT", f"/kv/b{i:015d}", VALUE), n, warm
+        work, "PUT", [node, "all", two], both, p0, kv_put, n, warm
     )
     eight = os.path.join(work, "eight.yaml")
     starts = ["", "d", "g", "j", "m", "p", "s", "v"]
@@ -186,8 +196,6 @@ def main():
     if not shutil.which("valgrind"):
         sys.exit("valgrind is not installed (apt-get install valgrind)")
 
-    get = lambda i: ("GET", f"/kv/a{i % (args.requests + args.warm):015d}")
-    put = lambda i: ("PUT", f"/kv/b{i:015d}", VALUE)
     with tempfile.TemporaryDirectory() as work:
         # The ceiling answers any path: besides its constant, it takes the
         # very GETs and PUTs of the node scenarios (routing a longer path
@@ -195,8 +203,8 @@ def main():
         ceilings = {}
         for name, request, mode in [
             ("constant", lambda i: ("GET", "/"), []),
-            ("GETs", get, []),
-            ("PUTs", put, ["put"]),
+            ("GETs", kv_get(args.requests + args.warm), []),
+            ("PUTs", kv_put, ["put"]),
         ]:
             port = free_port()
             ceilings[name] = count(

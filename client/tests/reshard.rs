@@ -11,17 +11,26 @@ use std::time::{Duration, Instant};
 
 use cavi_node::testkit::process::NodeProc;
 use cavi_node::testkit::workload::Workload;
-use cavi_node::testkit::{Client, seed};
+use cavi_node::testkit::{Client, metric_value, seed};
 use reqwest::StatusCode;
 use serde_json::Value;
 
 /// Writes a layout: (shard, node, range_start, range_end).
 fn layout(path: &Path, shards: &[(u32, &NodeProc, &str, Option<&str>)]) {
+    let at: Vec<_> = shards
+        .iter()
+        .map(|&(id, node, start, end)| (id, node.addr.as_str(), start, end))
+        .collect();
+    layout_at(path, &at);
+}
+
+/// Writes a layout by address, in the order given (valid or not):
+/// (shard, address, range_start, range_end).
+fn layout_at(path: &Path, shards: &[(u32, &str, &str, Option<&str>)]) {
     let mut text = String::from("shards:\n");
-    for (id, node, start, end) in shards {
+    for (id, addr, start, end) in shards {
         text.push_str(&format!(
-            "  - id: {id}\n    addr: {}\n    range_start: {start:?}\n",
-            node.addr
+            "  - id: {id}\n    addr: {addr}\n    range_start: {start:?}\n"
         ));
         if let Some(end) = end {
             text.push_str(&format!("    range_end: {end:?}\n"));
@@ -508,7 +517,7 @@ async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
         let read = client.get(&url0, "h005").await;
         let held_done = held.is_finished();
         let phase = source_phase(&client, &nodes[0]).await;
-        let gauge = phase_gauge(&metrics(&client, &nodes[0]).await, "source", "fenced");
+        let gauge = metric_value(&client.metrics(&url0).await, SOURCE_FENCED);
         assert_eq!(read.status, StatusCode::OK, "{read:?}");
         assert_eq!(read.body, "v-h005");
         assert_eq!(
@@ -527,23 +536,15 @@ async fn reads_of_a_fenced_range_are_served_while_its_writes_wait() {
     assert_eq!(moved.body, "written-in-the-fence", "{moved:?}");
     let moved = client.get(&nodes[1].url(), "h005").await;
     assert_eq!(moved.body, "v-h005", "{moved:?}");
-    let after = metrics(&client, &nodes[0]).await;
+    let after = client.metrics(&url0).await;
     assert!(
-        phase_gauge(&after, "source", "fenced").unwrap_or(0.0) == 0.0,
+        metric_value(&after, SOURCE_FENCED).unwrap_or(0.0) == 0.0,
         "no move is fenced any more:\n{after}"
     );
 }
 
-/// The value of `cavi_move_phase{role, phase}` in a metrics page, if the
-/// series is there.
-fn phase_gauge(text: &str, role: &str, phase: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with("cavi_move_phase{"))
-        .filter(|l| {
-            l.contains(&format!("role=\"{role}\"")) && l.contains(&format!("phase=\"{phase}\""))
-        })
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
+/// The series of a fenced move on its source.
+const SOURCE_FENCED: &str = "cavi_move_phase{role=\"source\",phase=\"fenced\"}";
 
 /// A layout that cannot be reached is refused before anything changes
 /// hands, with a sentence naming the shard: overlapping or unsorted
@@ -563,42 +564,42 @@ async fn a_layout_that_cannot_be_reached_is_refused_before_anything_moves() {
         cluster(&client, &nodes[0]).await,
         cluster(&client, &nodes[1]).await,
     ];
-    let (a0, a1) = (nodes[0].addr.clone(), nodes[1].addr.clone());
+    let (a0, a1) = (nodes[0].addr.as_str(), nodes[1].addr.as_str());
     let nobody = format!("127.0.0.1:{}", cavi_node::testkit::process::free_port());
-
-    let cases = [
+    type Shard<'a> = (u32, &'a str, &'a str, Option<&'a str>);
+    let cases: [(&str, Vec<Shard>, &[&str]); 4] = [
         (
             "overlap",
-            format!(
-                "shards:\n  - {{ id: 0, addr: \"{a0}\", range_end: \"m\" }}\n  - {{ id: 1, addr: \"{a1}\", range_start: \"k\" }}\n"
-            ),
-            vec!["shards 0", "and 1", "overlap"],
+            vec![(0, a0, "", Some("m")), (1, a1, "k", None)],
+            &["shards 0", "and 1", "overlap"],
         ),
         (
             "unsorted",
-            format!(
-                "shards:\n  - {{ id: 1, addr: \"{a1}\", range_start: \"n\" }}\n  - {{ id: 0, addr: \"{a0}\", range_end: \"m\" }}\n"
-            ),
-            vec!["key order", "shard 0"],
+            vec![(1, a1, "n", None), (0, a0, "", Some("m"))],
+            &["key order", "shard 0"],
         ),
         (
             "nobody answers",
-            format!(
-                "shards:\n  - {{ id: 0, addr: \"{a0}\", range_end: \"f\" }}\n  - {{ id: 2, addr: \"{nobody}\", range_start: \"g\", range_end: \"m\" }}\n  - {{ id: 1, addr: \"{a1}\", range_start: \"n\" }}\n"
-            ),
-            vec!["shard 2", "does not answer", "start it first"],
+            vec![
+                (0, a0, "", Some("f")),
+                (2, &nobody, "g", Some("m")),
+                (1, a1, "n", None),
+            ],
+            &["shard 2", "does not answer", "start it first"],
         ),
         (
             "an address of another shard",
-            format!(
-                "shards:\n  - {{ id: 0, addr: \"{a0}\", range_end: \"f\" }}\n  - {{ id: 2, addr: \"{a1}\", range_start: \"g\", range_end: \"m\" }}\n  - {{ id: 1, addr: \"{a1}\", range_start: \"n\" }}\n"
-            ),
-            vec!["shard 2", "serves shard 1"],
+            vec![
+                (0, a0, "", Some("f")),
+                (2, a1, "g", Some("m")),
+                (1, a1, "n", None),
+            ],
+            &["shard 2", "serves shard 1"],
         ),
     ];
-    for (what, text, sentence) in cases {
+    for (what, shards, sentence) in cases {
         let file = dir.path().join(format!("{}.yaml", what.replace(' ', "-")));
-        std::fs::write(&file, text).unwrap();
+        layout_at(&file, &shards);
         let run = cavi_reshard(&nodes[0], &file, &[]).await;
         assert_ne!(run.code, 0, "{what}: refused");
         for part in sentence {
@@ -631,11 +632,9 @@ async fn a_layout_that_cannot_be_reached_is_refused_before_anything_moves() {
 
     // The source's metrics count the one move, its keys and bytes, and
     // how long it took; both nodes route by the new epoch.
-    let source = metrics(&client, &nodes[0]).await;
+    let source = client.metrics(&nodes[0].url()).await;
     let value = |text: &str, series: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        metric_value(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
     };
     assert_eq!(value(&source, "cavi_moves_total{outcome=\"started\"}"), 1.0);
     assert_eq!(
@@ -649,20 +648,8 @@ async fn a_layout_that_cannot_be_reached_is_refused_before_anything_moves() {
     assert!(value(&source, "cavi_move_duration_seconds_sum") > 0.0);
     for node in &nodes {
         assert_eq!(
-            value(&metrics(&client, node).await, "cavi_shard_map_epoch"),
+            value(&client.metrics(&node.url()).await, "cavi_shard_map_epoch"),
             1.0
         );
     }
-}
-
-async fn metrics(client: &Client, node: &NodeProc) -> String {
-    client
-        .http
-        .get(format!("{}/metrics", node.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cavi_node::testkit::Client;
 use cavi_node::testkit::process::{NodeProc, Proc, free_port, node_binary, start};
+use cavi_node::testkit::{Client, metric_value};
 use reqwest::StatusCode;
 
 /// A one-shard config on a fresh port; its address.
@@ -494,9 +494,7 @@ async fn counts(c: &Client, url: &str) -> (u64, u64) {
 
 async fn metric(c: &Client, url: &str, name: &str) -> u64 {
     let text = c.metrics(url).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
+    metric_value(&text, name)
         .map(|v| v as u64)
         .unwrap_or_else(|| panic!("no {name} in {text}"))
 }

@@ -102,6 +102,21 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Returns once `done` holds, checking it again each time `notify` wakes
+/// its waiters. The wake-up is registered before each check, so a change
+/// between the check and the wait is not missed.
+pub(super) async fn until(notify: &Notify, mut done: impl FnMut() -> bool) {
+    loop {
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if done() {
+            return;
+        }
+        woken.await;
+    }
+}
+
 impl Tap for Outgoing {
     fn applied(&self, op: &WriteOp) {
         if !self.span.contains(op.key().as_bytes()) {
@@ -197,15 +212,7 @@ impl Outgoing {
     /// Waits until `running` (a count of the gate's) is zero; admitted
     /// requests wake it as they finish.
     async fn drained(&self, running: fn(&Gate) -> usize) {
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if running(&self.gate()) == 0 {
-                return;
-            }
-            idle.await;
-        }
+        until(&self.idle, || running(&self.gate()) == 0).await;
     }
 
     /// Marks the move as looked after by its driver.
@@ -227,7 +234,9 @@ impl Outgoing {
         deadline: tokio::time::Instant,
         read: bool,
     ) -> Result<Admission<'_>, ()> {
-        let mut changes = self.phase_tx.subscribe();
+        // Subscribed only once a request has to wait, then the gate is
+        // checked again: a phase change after that check wakes the wait.
+        let mut changes: Option<watch::Receiver<Phase>> = None;
         loop {
             {
                 let mut gate = self.gate();
@@ -250,8 +259,11 @@ impl Outgoing {
                     _ => return Ok(Admission::Reroute),
                 }
             }
-            changes.mark_unchanged();
-            if tokio::time::timeout_at(deadline, changes.changed())
+            let Some(watching) = changes.as_mut() else {
+                changes = Some(self.phase_tx.subscribe());
+                continue;
+            };
+            if tokio::time::timeout_at(deadline, watching.changed())
                 .await
                 .is_err()
             {
@@ -263,17 +275,12 @@ impl Outgoing {
     /// Writers to the range wait while the target lags far behind, so the
     /// tapped writes held here stay bounded.
     pub async fn throttle(&self, deadline: tokio::time::Instant) -> Result<(), ()> {
-        loop {
-            let notified = self.log_changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if lock(&self.log).bytes <= LOG_SOFT_BYTES {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(());
-            }
-        }
+        let room = until(&self.log_changed, || {
+            lock(&self.log).bytes <= LOG_SOFT_BYTES
+        });
+        tokio::time::timeout_at(deadline, room)
+            .await
+            .map_err(|_| ())
     }
 
     pub(super) fn record(&self, phase: Phase) -> Result<Vec<u8>, ApiError> {

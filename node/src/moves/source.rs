@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{Instrument, info, info_span, warn};
 
-use super::outgoing::{Outgoing, Record, lock};
+use super::outgoing::{Outgoing, Record, lock, until};
 use super::{
     Batch, BatchEntry, BatchKind, CommitRequest, MoveSpec, MoveStatus, OUTGOING_RECORD, Outcome,
     Phase,
@@ -423,15 +423,8 @@ pub async fn commit(node: &Arc<Node>, id: &str) -> Result<MoveStatus, ApiError> 
         // ...their writes are applied (and tapped)...
         store.barrier().await?;
         // ...and every tapped write reached the target.
-        loop {
-            let changed = out.log_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if lock(&out.log).ops.is_empty() {
-                return Ok::<(), crate::store::StoreError>(());
-            }
-            changed.await;
-        }
+        until(&out.log_changed, || lock(&out.log).ops.is_empty()).await;
+        Ok::<(), crate::store::StoreError>(())
     })
     .await;
     match drained {

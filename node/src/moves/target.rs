@@ -380,15 +380,13 @@ mod tests {
 
     /// Shard 1 of `a..m, n..z`, and a move of `g..m` from shard 0 to it.
     fn shard_1_and_a_move() -> (Arc<Node>, MoveSpec) {
-        let layout = |boundary: &str| {
-            ClusterConfig::from_yaml(&format!(
-                "shards:\n  - {{ id: 0, addr: \"127.0.0.1:1\", range_start: \"a\", range_end: \"{boundary}\" }}\n  - {{ id: 1, addr: \"127.0.0.1:2\", range_start: \"{}\", range_end: \"z\" }}\n",
-                char::from(boundary.as_bytes()[0] + 1)
-            ))
-            .unwrap()
-        };
-        let now = ShardMap::from_config(&layout("m"));
-        let mut next = ShardMap::from_config(&layout("f"));
+        let map = |yaml: &str| ShardMap::from_config(&ClusterConfig::from_yaml(yaml).unwrap());
+        let now = map(r#"shards:
+  - { id: 0, addr: "127.0.0.1:1", range_start: "a", range_end: "m" }
+  - { id: 1, addr: "127.0.0.1:2", range_start: "n", range_end: "z" }"#);
+        let mut next = map(r#"shards:
+  - { id: 0, addr: "127.0.0.1:1", range_start: "a", range_end: "f" }
+  - { id: 1, addr: "127.0.0.1:2", range_start: "g", range_end: "z" }"#);
         next.epoch = now.epoch + 1;
         let node = Arc::new(
             Node::new(

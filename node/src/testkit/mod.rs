@@ -454,3 +454,11 @@ impl Client {
         r.text().await.unwrap()
     }
 }
+
+/// The value of one series (its name with its labels, as the node writes
+/// them) in a `/metrics` text, if it is there.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}

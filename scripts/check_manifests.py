@@ -1112,7 +1112,8 @@ NODE_METRICS = {
     "cavi_stored_keys": "gauge", "cavi_stored_bytes": "gauge", "cavi_storage_fault": "gauge",
     "cavi_shard_map_epoch": "gauge", "cavi_moves_total": "counter", "cavi_move_keys_total": "counter",
     "cavi_move_bytes_total": "counter", "cavi_move_fence_duration_seconds": "histogram", "cavi_move_phase": "gauge",
-    "cavi_move_duration_seconds": "histogram",
+    "cavi_move_duration_seconds": "histogram", "cavi_storage_commits_total": "counter",
+    "cavi_storage_committed_writes_total": "counter", "cavi_storage_commit_duration_seconds": "histogram",
 }
 OPERATOR_METRICS = {
     "cavi_operator_reconciles_total": "counter", "cavi_operator_reconcile_failures_total": "counter",

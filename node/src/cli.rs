@@ -17,7 +17,7 @@ use crate::node::Node;
 use crate::server::{ServeOptions, Signal, serve, shutdown_signal};
 use crate::settings::{Settings, parse_duration};
 use crate::shard_map::ShardMap;
-use crate::store::{DiskOptions, DiskStore, Faults, MemoryStore, Store};
+use crate::store::{CommitObserver, DiskOptions, DiskStore, Faults, MemoryStore, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -261,7 +261,11 @@ pub fn init_tracing(format: LogFormat) {
 }
 
 /// Opens the storage of shard `id`. Blocking (disk recovery).
-fn open_store(args: &Args, id: u32) -> Result<Arc<dyn Store>, String> {
+fn open_store(
+    args: &Args,
+    id: u32,
+    commits: Arc<dyn CommitObserver>,
+) -> Result<Arc<dyn Store>, String> {
     let Some(root) = &args.data_dir else {
         return Ok(Arc::new(MemoryStore::new()));
     };
@@ -272,6 +276,7 @@ fn open_store(args: &Args, id: u32) -> Result<Arc<dyn Store>, String> {
     // the request as a whole would time out with a 504.
     options.queue_timeout = args.request_timeout / 2;
     options.faults = Faults::from_env();
+    options.commits = Some(commits);
     let store = DiskStore::open(&options).map_err(|e| e.to_string())?;
     tracing::info!(shard = id, dir = %options.dir.display(), keys = store.len(), "storage open");
     Ok(Arc::new(store))
@@ -286,7 +291,8 @@ async fn start_node(
 ) -> Result<(), String> {
     let id = node.id();
     let opening = args.clone();
-    let store = tokio::task::spawn_blocking(move || open_store(&opening, id))
+    let commits = node.metrics().commit_observer();
+    let store = tokio::task::spawn_blocking(move || open_store(&opening, id, commits))
         .await
         .map_err(|e| format!("opening storage failed: {e}"))??;
     let persisted = match store.state() {

@@ -3,7 +3,7 @@
 //! Labels are `&'static str` and integers so recording a request allocates
 //! nothing; the route label is the matched route template, never the key.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,6 +13,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::store::CommitObserver;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -119,6 +121,24 @@ pub struct Metrics {
     fence: Histogram,
     move_duration: Histogram,
     phase: Family<PhaseLabels, Gauge>,
+    commits: CommitMetrics,
+}
+
+/// The durable engine's group commits: handles the engine's writer thread
+/// records into (through [`CommitObserver`]) without the registry.
+#[derive(Clone)]
+struct CommitMetrics {
+    commits: Counter,
+    writes: Counter,
+    duration: Histogram,
+}
+
+impl CommitObserver for CommitMetrics {
+    fn committed(&self, writes: usize, took: Duration) {
+        self.commits.inc();
+        self.writes.inc_by(writes as u64);
+        self.duration.observe(took.as_secs_f64());
+    }
 }
 
 impl Default for Metrics {
@@ -151,6 +171,28 @@ impl Metrics {
         // 0.1 s to about 55 minutes.
         let move_duration = Histogram::new(exponential_buckets(0.1, 2.0, 16));
         let phase = Family::<PhaseLabels, Gauge>::default();
+        let commits = CommitMetrics {
+            commits: Counter::default(),
+            writes: Counter::default(),
+            // 50 µs to about 1.6 s.
+            duration: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+        };
+        registry.register(
+            "storage_commits",
+            "Group commits of the durable engine, each one synced journal write (0 in memory)",
+            commits.commits.clone(),
+        );
+        registry.register(
+            "storage_committed_writes",
+            "Key writes (puts and deletes) those commits carried: divided by the commits, the writes that shared a sync",
+            commits.writes.clone(),
+        );
+        registry.register_with_unit(
+            "storage_commit_duration",
+            "Time of one group commit in the engine: the journal write, its sync and the memtable insert",
+            Unit::Seconds,
+            commits.duration.clone(),
+        );
         registry.register(
             "shard_map_epoch",
             "Epoch of the live shard map this node routes by",
@@ -240,7 +282,13 @@ impl Metrics {
             fence,
             move_duration,
             phase,
+            commits,
         }
+    }
+
+    /// What the durable engine tells of its commits.
+    pub fn commit_observer(&self) -> Arc<dyn CommitObserver> {
+        Arc::new(self.commits.clone())
     }
 
     pub fn move_started(&self) {
@@ -402,6 +450,9 @@ mod tests {
         m.record_error("/kv/{*key}", "overloaded");
         m.record_fan_out(2);
         m.moved(3, 300);
+        let commits = m.commit_observer();
+        commits.committed(28, Duration::from_micros(300));
+        commits.committed(4, Duration::from_micros(90));
         let text = m.render(7, 1234, true, 5, &[]);
         for needle in [
             "cavi_http_requests_total{method=\"GET\",route=\"/kv/{*key}\",status=\"200\"} 1",
@@ -416,6 +467,11 @@ mod tests {
             "cavi_storage_fault 1",
             "cavi_move_keys_total 3",
             "cavi_move_bytes_total 300",
+            "cavi_storage_commits_total 2",
+            "cavi_storage_committed_writes_total 32",
+            "cavi_storage_commit_duration_seconds_bucket{le=\"0.0001\"} 1",
+            "cavi_storage_commit_duration_seconds_bucket{le=\"0.0004\"} 2",
+            "cavi_storage_commit_duration_seconds_count 2",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

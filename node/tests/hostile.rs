@@ -529,6 +529,13 @@ async fn disk_counts_are_exact_after_deletes_overwrites_and_a_sigkill() {
     // 100 keys of 4 bytes; 50 values of 5 bytes and 50 of 7.
     let expected = (100, 100 * 4 + 50 * 5 + 50 * 7);
     assert_eq!(counts(&c, &url).await, expected);
+    // Every write went through a group commit, and the metrics say so.
+    assert_eq!(
+        metric(&c, &url, "cavi_storage_committed_writes_total").await,
+        450
+    );
+    let commits = metric(&c, &url, "cavi_storage_commits_total").await;
+    assert!((1..=450).contains(&commits), "{commits} commits");
     node.kill();
     node.start().await;
     assert_eq!(counts(&c, &url).await, expected, "after a SIGKILL");

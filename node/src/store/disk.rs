@@ -26,14 +26,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::{
-    NodeState, Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp, scan_done, scan_start,
+    CommitObserver, NodeState, Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp,
+    scan_done, scan_start,
 };
 use crate::keyspace::Span;
 use crate::store::Entry;
@@ -59,6 +60,8 @@ pub struct DiskOptions {
     pub queue_timeout: Duration,
     /// Faults to inject, for tests of the fault handling.
     pub faults: Arc<Faults>,
+    /// Told of each commit (the node's metrics).
+    pub commits: Option<Arc<dyn CommitObserver>>,
 }
 
 impl std::fmt::Debug for DiskOptions {
@@ -79,6 +82,7 @@ impl DiskOptions {
             max_queued_bytes: 64 * 1024 * 1024,
             queue_timeout: Duration::from_secs(5),
             faults: Arc::default(),
+            commits: None,
         }
     }
 }
@@ -148,6 +152,7 @@ struct Shared {
     bytes: AtomicU64,
     syncs: AtomicU64,
     faults: Arc<Faults>,
+    commits: Option<Arc<dyn CommitObserver>>,
 }
 
 impl Shared {
@@ -287,6 +292,7 @@ impl DiskStore {
             bytes: AtomicU64::new(counts.bytes),
             syncs: AtomicU64::new(0),
             faults: options.faults.clone(),
+            commits: options.commits.clone(),
         });
         let (tx, rx) = mpsc::channel();
         let max_batch = options.max_batch.max(1);
@@ -558,9 +564,13 @@ impl Writer {
         }
         let record = serde_json::to_vec(&counts).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         fjall_batch.insert(&engine.meta, COUNTS, record);
+        let started = Instant::now();
         fjall_batch
             .commit()
             .map_err(|e| io_error("write not persisted in", dir, &e))?;
+        if let Some(commits) = &shared.commits {
+            commits.committed(batch.len(), started.elapsed());
+        }
         self.counts = counts;
         shared.keys.store(counts.keys, Ordering::Relaxed);
         shared.bytes.store(counts.bytes, Ordering::Relaxed);
@@ -963,6 +973,48 @@ mod tests {
         // A lone writer still gets a sync of its own before its answer.
         s.put("alone", "v").await.expect("put");
         assert_eq!(s.syncs(), syncs + 1);
+    }
+
+    /// Every commit the writer reports, in order.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(usize, Duration)>>);
+
+    impl CommitObserver for Recorded {
+        fn committed(&self, writes: usize, took: Duration) {
+            self.0.lock().expect("lock").push((writes, took));
+        }
+    }
+
+    #[tokio::test]
+    async fn each_commit_is_reported_with_its_writes_and_a_failed_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let recorded = Arc::new(Recorded::default());
+        let faults = Arc::new(Faults::default());
+        let mut options = DiskOptions::new(dir.path());
+        options.commits = Some(recorded.clone());
+        options.faults = faults.clone();
+        let s = Arc::new(DiskStore::open(&options).expect("open"));
+        let acks: Vec<_> = (0..300).map(|i| s.put(&format!("k{i:04}"), "v")).collect();
+        for ack in acks {
+            ack.await.expect("put");
+        }
+        s.write(vec![
+            WriteOp::Put("x".into(), "1".into()),
+            WriteOp::Put("y".into(), "2".into()),
+            WriteOp::Delete("k0000".into()),
+        ])
+        .await
+        .expect("write");
+        let commits = recorded.0.lock().expect("lock").clone();
+        assert_eq!(commits.len() as u64, s.syncs(), "one report a sync");
+        let writes: usize = commits.iter().map(|(w, _)| w).sum();
+        assert_eq!(writes, 303, "the 300 puts and the write of three");
+        assert_eq!(commits.last().map(|(w, _)| *w), Some(3));
+        assert!(commits.iter().all(|(_, took)| !took.is_zero()));
+        // A commit that fails is not reported as one.
+        faults.failing_commits.store(1, Ordering::Relaxed);
+        s.put("lost", "v").await.expect_err("the disk is full");
+        assert_eq!(recorded.0.lock().expect("lock").len(), commits.len());
     }
 
     #[tokio::test]

@@ -210,6 +210,13 @@ pub trait Tap: Send + Sync {
     fn applied(&self, op: &WriteOp);
 }
 
+/// Told of every group commit a durable engine makes: how many key writes
+/// it carried and how long the engine took to write, sync and apply it.
+/// The node's metrics implement it; the engine knows nothing of them.
+pub trait CommitObserver: Send + Sync {
+    fn committed(&self, writes: usize, took: std::time::Duration);
+}
+
 /// Small records a durable node keeps about itself, written atomically
 /// and synced before `save` returns.
 pub trait NodeState: Send + Sync {

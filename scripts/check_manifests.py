@@ -1124,7 +1124,7 @@ OPERATOR_METRICS = {
 OTHER_METRICS = {"up", "kube_pod_status_ready"}
 
 ALERTS = {"CaviShardDown", "CaviSearchIncomplete", "CaviPeerTimeouts", "CaviStorageFault", "CaviStorageWritesRefused",
-          "CaviRebalanceStalled", "CaviOperatorReconcileFailures", "CaviOperatorNoLeader"}
+          "CaviStorageSlowCommits", "CaviRebalanceStalled", "CaviOperatorReconcileFailures", "CaviOperatorNoLeader"}
 # The panels an on-call engineer opens first, by the series they need.
 DASHBOARD_NEEDS = {"cavi_http_requests_total", "cavi_http_request_duration_seconds_bucket", "cavi_peer_requests_total",
                    "cavi_stored_keys", "cavi_stored_bytes", "cavi_storage_fault", "cavi_shard_map_epoch", "cavi_move_phase",

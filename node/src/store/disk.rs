@@ -302,7 +302,7 @@ impl DiskStore {
                 let shared = shared.clone();
                 move || {
                     if let Err(e) = schedule_as_batch() {
-                        tracing::debug!("the storage writer keeps the default scheduling: {e}");
+                        tracing::info!("the storage writer keeps the default scheduling: {e}");
                     }
                     Writer::new(shared, max_batch, counts).run(&rx)
                 }
@@ -404,7 +404,9 @@ impl DiskStore {
 /// the handlers wait or their slice ends, and commits what they queued
 /// meanwhile (about 28 a commit, measured). Its share of the CPU stays
 /// what a normal thread's is, so writes are never starved. Where the
-/// writer has a core of its own, nothing changes.
+/// writer has a core of its own, nothing changes. Where the policy cannot
+/// be set (another platform, a sandbox that forbids it), the writer runs
+/// as before and the node logs why at start.
 #[cfg(target_os = "linux")]
 fn schedule_as_batch() -> Result<(), String> {
     use thread_priority::{

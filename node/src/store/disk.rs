@@ -152,7 +152,6 @@ struct Shared {
     bytes: AtomicU64,
     syncs: AtomicU64,
     faults: Arc<Faults>,
-    commits: Option<Arc<dyn CommitObserver>>,
 }
 
 impl Shared {
@@ -292,7 +291,6 @@ impl DiskStore {
             bytes: AtomicU64::new(counts.bytes),
             syncs: AtomicU64::new(0),
             faults: options.faults.clone(),
-            commits: options.commits.clone(),
         });
         let (tx, rx) = mpsc::channel();
         let max_batch = options.max_batch.max(1);
@@ -300,11 +298,12 @@ impl DiskStore {
             .name("cavi-writer".into())
             .spawn({
                 let shared = shared.clone();
+                let commits = options.commits.clone();
                 move || {
                     if let Err(e) = schedule_as_batch() {
                         tracing::info!("the storage writer keeps the default scheduling: {e}");
                     }
-                    Writer::new(shared, max_batch, counts).run(&rx)
+                    Writer::new(shared, max_batch, counts, commits).run(&rx)
                 }
             })
             .map_err(|e| {
@@ -440,15 +439,23 @@ struct Writer {
     max_batch: usize,
     counts: Counts,
     tap: Option<Arc<dyn Tap>>,
+    /// Told of each commit.
+    commits: Option<Arc<dyn CommitObserver>>,
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, max_batch: usize, counts: Counts) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        max_batch: usize,
+        counts: Counts,
+        commits: Option<Arc<dyn CommitObserver>>,
+    ) -> Self {
         Self {
             shared,
             max_batch,
             counts,
             tap: None,
+            commits,
         }
     }
 
@@ -570,7 +577,7 @@ impl Writer {
         fjall_batch
             .commit()
             .map_err(|e| io_error("write not persisted in", dir, &e))?;
-        if let Some(commits) = &shared.commits {
+        if let Some(commits) = &self.commits {
             commits.committed(batch.len(), started.elapsed());
         }
         self.counts = counts;
@@ -841,6 +848,15 @@ mod tests {
         out
     }
 
+    /// Queues `n` puts (`k0000`...) before awaiting any, so they can share
+    /// commits, then awaits them all.
+    async fn put_at_once(s: &DiskStore, n: usize) {
+        let acks: Vec<_> = (0..n).map(|i| s.put(&format!("k{i:04}"), "v")).collect();
+        for ack in acks {
+            ack.await.expect("put");
+        }
+    }
+
     fn all_keys(s: &DiskStore) -> Vec<String> {
         let span = Span::from(&KeyRange::new("", None::<&str>));
         s.scan(&ScanRequest {
@@ -959,11 +975,8 @@ mod tests {
     #[tokio::test]
     async fn concurrent_writers_share_syncs_and_all_land() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = std::sync::Arc::new(open(dir.path()));
-        let acks: Vec<_> = (0..500).map(|i| s.put(&format!("k{i:04}"), "v")).collect();
-        for ack in acks {
-            ack.await.expect("put");
-        }
+        let s = open(dir.path());
+        put_at_once(&s, 500).await;
         assert_eq!(s.len(), 500);
         // 500 writers queued at once: while one sync runs the rest queue up
         // and share the next ones.
@@ -995,11 +1008,8 @@ mod tests {
         let mut options = DiskOptions::new(dir.path());
         options.commits = Some(recorded.clone());
         options.faults = faults.clone();
-        let s = Arc::new(DiskStore::open(&options).expect("open"));
-        let acks: Vec<_> = (0..300).map(|i| s.put(&format!("k{i:04}"), "v")).collect();
-        for ack in acks {
-            ack.await.expect("put");
-        }
+        let s = DiskStore::open(&options).expect("open");
+        put_at_once(&s, 300).await;
         s.write(vec![
             WriteOp::Put("x".into(), "1".into()),
             WriteOp::Put("y".into(), "2".into()),

@@ -21,16 +21,14 @@
 //! Key and byte counts are exact: the writer knows each key's previous
 //! size, and the counts are committed in the same batch as the writes.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use fjall::PersistMode;
+use tokio::sync::{Semaphore, oneshot};
 
 use super::{
     CommitObserver, NodeState, Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp,
@@ -39,12 +37,11 @@ use super::{
 use crate::keyspace::Span;
 use crate::store::Entry;
 
-const DATA: &str = "kv";
-const META: &str = "meta";
-/// Meta record holding the exact key and byte counts.
-const COUNTS: &str = "counts";
-/// Meta record written by a recovery probe.
-const PROBE: &str = "probe";
+mod engine;
+mod writer;
+
+use engine::{Engine, io_error, load_counts, open_engine};
+use writer::{Msg, Waiter, Writer, schedule_as_batch, stopped};
 
 #[derive(Clone)]
 pub struct DiskOptions {
@@ -111,38 +108,6 @@ impl Faults {
     }
 }
 
-/// A queued write's answer, and its room in the queue (given back once
-/// the write is committed, not when the writer picks it up).
-struct Waiter {
-    done: oneshot::Sender<Result<(), StoreError>>,
-    _room: OwnedSemaphorePermit,
-    _bytes: OwnedSemaphorePermit,
-}
-
-enum Msg {
-    Write {
-        ops: Vec<WriteOp>,
-        waiter: Waiter,
-    },
-    SetTap {
-        tap: Option<Arc<dyn Tap>>,
-        done: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
-
-/// The open database.
-struct Engine {
-    db: Database,
-    data: Keyspace,
-    meta: Keyspace,
-}
-
-#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
-struct Counts {
-    keys: u64,
-    bytes: u64,
-}
-
 struct Shared {
     dir: PathBuf,
     /// `None` while the writer reopens the database.
@@ -183,91 +148,6 @@ pub struct DiskStore {
     room_bytes: Arc<Semaphore>,
     max_queued_bytes: usize,
     queue_timeout: Duration,
-}
-
-fn io_error(context: &str, dir: &Path, e: &fjall::Error) -> StoreError {
-    let text = format!("{context} {}: {e}", dir.display());
-    if is_disk_full(e) || nearly_full(dir) {
-        StoreError::Full(text)
-    } else {
-        StoreError::Unavailable(text)
-    }
-}
-
-/// Whether the filesystem of `dir` has less than 2% or 8 MiB free. The
-/// engine's background flush can be the one that hits `ENOSPC`, and the
-/// write that fails next only hears that the engine gave up; the free
-/// space tells what happened.
-fn nearly_full(dir: &Path) -> bool {
-    let Some(existing) = dir.ancestors().find(|d| d.exists()) else {
-        return false;
-    };
-    let Ok(fs) = rustix::fs::statvfs(existing) else {
-        return false;
-    };
-    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
-    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
-    free < (total / 50).max(8 << 20)
-}
-
-fn is_disk_full(e: &fjall::Error) -> bool {
-    let mut cause: Option<&dyn std::error::Error> = Some(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>()
-            && (io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28))
-        {
-            return true;
-        }
-        cause = c.source();
-    }
-    // fjall wraps some I/O errors in its own variants; the text still says.
-    e.to_string().contains("No space left on device")
-}
-
-fn open_engine(dir: &Path) -> Result<Engine, StoreError> {
-    let db = Database::builder(dir)
-        .manual_journal_persist(true)
-        .open()
-        .map_err(|e| io_error("cannot open data directory", dir, &e))?;
-    let data = db
-        .keyspace(DATA, KeyspaceCreateOptions::default)
-        .map_err(|e| io_error("cannot open keyspace in", dir, &e))?;
-    let meta = db
-        .keyspace(META, KeyspaceCreateOptions::default)
-        .map_err(|e| io_error("cannot open keyspace in", dir, &e))?;
-    Ok(Engine { db, data, meta })
-}
-
-/// The exact counts: the committed record, or (a data directory from
-/// before counts were kept) one pass over the keys, recorded at once.
-fn load_counts(engine: &Engine, dir: &Path) -> Result<Counts, StoreError> {
-    if let Some(raw) = engine
-        .meta
-        .get(COUNTS)
-        .map_err(|e| io_error("cannot read metadata in", dir, &e))?
-    {
-        return serde_json::from_slice(&raw).map_err(|e| {
-            StoreError::Corrupt(format!("counts in {} are corrupt: {e}", dir.display()))
-        });
-    }
-    let mut counts = Counts::default();
-    for item in engine.data.iter() {
-        let (k, v) = item
-            .into_inner()
-            .map_err(|e| io_error("cannot count the keys in", dir, &e))?;
-        counts.keys += 1;
-        counts.bytes += (k.len() + v.len()) as u64;
-    }
-    let record = serde_json::to_vec(&counts).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    engine
-        .meta
-        .insert(COUNTS, record)
-        .map_err(|e| io_error("cannot write metadata in", dir, &e))?;
-    engine
-        .db
-        .persist(PersistMode::SyncAll)
-        .map_err(|e| io_error("cannot sync metadata in", dir, &e))?;
-    Ok(counts)
 }
 
 impl DiskStore {
@@ -388,284 +268,6 @@ impl DiskStore {
             }
             ack.await.map_err(|_| stopped())?
         })
-    }
-}
-
-/// Puts the calling thread (the writer) under `SCHED_BATCH`, keeping its
-/// nice value.
-///
-/// Why: a thread waking from a sync would otherwise preempt the request
-/// handlers at once. Where the writer shares a core with them (a pod
-/// limited to one CPU, the bench's pinned server), it then commits the
-/// few writes queued during the sync while the handlers still hold more
-/// in their sockets, and batches stay small: about 21 writes a commit at
-/// 64 connections. A batch thread does not preempt on waking; it runs when
-/// the handlers wait or their slice ends, and commits what they queued
-/// meanwhile (about 28 a commit, measured). Its share of the CPU stays
-/// what a normal thread's is, so writes are never starved. Where the
-/// writer has a core of its own, nothing changes. Where the policy cannot
-/// be set (another platform, a sandbox that forbids it), the writer runs
-/// as before and the node logs why at start.
-#[cfg(target_os = "linux")]
-fn schedule_as_batch() -> Result<(), String> {
-    use thread_priority::{
-        NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
-        set_thread_priority_and_policy, thread_native_id,
-    };
-    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
-    let nice = rustix::process::getpriority_process(None).map_err(|e| e.to_string())?;
-    // The crate sets a normal policy's nice value from a point on its 0-99
-    // scale: take the point that maps to this thread's own.
-    let same = (0..=99u8)
-        .filter_map(|v| ThreadPriorityValue::try_from(v).ok())
-        .map(ThreadPriority::Crossplatform)
-        .find(|p| p.to_posix(policy).ok() == Some(nice))
-        .ok_or_else(|| format!("no priority keeps the nice value {nice}"))?;
-    set_thread_priority_and_policy(thread_native_id(), same, policy).map_err(|e| format!("{e:?}"))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn schedule_as_batch() -> Result<(), String> {
-    Err("SCHED_BATCH is Linux's".into())
-}
-
-fn stopped() -> StoreError {
-    StoreError::Unavailable("the storage writer has stopped".into())
-}
-
-/// The writer thread's state.
-struct Writer {
-    shared: Arc<Shared>,
-    max_batch: usize,
-    counts: Counts,
-    tap: Option<Arc<dyn Tap>>,
-    /// Told of each commit.
-    commits: Option<Arc<dyn CommitObserver>>,
-}
-
-impl Writer {
-    fn new(
-        shared: Arc<Shared>,
-        max_batch: usize,
-        counts: Counts,
-        commits: Option<Arc<dyn CommitObserver>>,
-    ) -> Self {
-        Self {
-            shared,
-            max_batch,
-            counts,
-            tap: None,
-            commits,
-        }
-    }
-
-    fn run(mut self, queue: &mpsc::Receiver<Msg>) {
-        let mut next = queue.recv().ok();
-        while let Some(first) = next.take() {
-            let mut ops: Vec<WriteOp> = Vec::new();
-            let mut waiting = Vec::new();
-            let mut msg = Some(first);
-            while let Some(m) = msg.take() {
-                match m {
-                    Msg::Write { ops: o, waiter } => {
-                        ops.extend(o);
-                        waiting.push(waiter);
-                    }
-                    Msg::SetTap { tap, done } => {
-                        // Writes before the tap commit first, untapped.
-                        self.commit_and_answer(&mut ops, &mut waiting);
-                        self.tap = tap;
-                        let _ = done.send(Ok(()));
-                    }
-                }
-                if waiting.len() < self.max_batch {
-                    msg = queue.try_recv().ok();
-                }
-            }
-            self.commit_and_answer(&mut ops, &mut waiting);
-            next = queue.recv().ok();
-        }
-    }
-
-    fn commit_and_answer(&mut self, ops: &mut Vec<WriteOp>, waiting: &mut Vec<Waiter>) {
-        if waiting.is_empty() {
-            return;
-        }
-        let batch = std::mem::take(ops);
-        let result = self.commit(&batch);
-        match &result {
-            Ok(()) => {
-                if let Some(tap) = &self.tap {
-                    for op in &batch {
-                        tap.applied(op);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!("{e}");
-                self.shared.set_fault(Some(e.clone()));
-            }
-        }
-        tracing::trace!(writes = waiting.len(), "group commit");
-        for waiter in waiting.drain(..) {
-            let _ = waiter.done.send(result.clone());
-        }
-        if result.is_err() {
-            self.recover();
-        }
-    }
-
-    fn commit(&mut self, batch: &[WriteOp]) -> Result<(), StoreError> {
-        let shared = &self.shared;
-        let dir = &shared.dir;
-        let delay = shared.faults.commit_delay_ms.load(Ordering::Relaxed);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        if shared
-            .faults
-            .failing_commits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(StoreError::Full(format!(
-                "write not persisted in {}: No space left on device (injected)",
-                dir.display()
-            )));
-        }
-        let engine = shared.engine()?;
-        if batch.is_empty() {
-            return Ok(());
-        }
-        // Exact counts: each key's size before this batch, then after.
-        let mut sizes: HashMap<&str, Option<u64>> = HashMap::new();
-        let mut counts = self.counts;
-        let mut fjall_batch = engine.db.batch().durability(Some(PersistMode::SyncData));
-        for op in batch {
-            let key = op.key();
-            let before = match sizes.get(key) {
-                Some(size) => *size,
-                None => engine
-                    .data
-                    .size_of(key)
-                    .map_err(|e| io_error("cannot read", dir, &e))?
-                    .map(|v| u64::from(v) + key.len() as u64),
-            };
-            let after = match op {
-                WriteOp::Put(k, v) => {
-                    fjall_batch.insert(&engine.data, k.as_str(), v.as_str());
-                    Some((k.len() + v.len()) as u64)
-                }
-                WriteOp::Delete(k) => {
-                    fjall_batch.remove(&engine.data, k.as_str());
-                    None
-                }
-            };
-            if let Some(b) = before {
-                counts.keys -= 1;
-                counts.bytes -= b;
-            }
-            if let Some(a) = after {
-                counts.keys += 1;
-                counts.bytes += a;
-            }
-            sizes.insert(key, after);
-        }
-        let record = serde_json::to_vec(&counts).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        fjall_batch.insert(&engine.meta, COUNTS, record);
-        let started = Instant::now();
-        fjall_batch
-            .commit()
-            .map_err(|e| io_error("write not persisted in", dir, &e))?;
-        if let Some(commits) = &self.commits {
-            commits.committed(batch.len(), started.elapsed());
-        }
-        self.counts = counts;
-        shared.keys.store(counts.keys, Ordering::Relaxed);
-        shared.bytes.store(counts.bytes, Ordering::Relaxed);
-        shared.syncs.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// After a failed commit: fail what is queued meanwhile (the store's
-    /// `submit` already refuses new writes while faulted), drop the
-    /// database, reopen it with backoff and probe it with a synced write.
-    fn recover(&mut self) {
-        let shared = self.shared.clone();
-        let mut wait = Duration::from_millis(100);
-        loop {
-            // Readers finish with the old engine before it is dropped, so
-            // its directory lock is free for the reopen.
-            let old = shared
-                .engine
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            if let Some(old) = old {
-                while Arc::strong_count(&old) > 1 {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                drop(old);
-            }
-            let attempt = open_engine(&shared.dir).and_then(|engine| {
-                let counts = load_counts(&engine, &shared.dir)?;
-                Ok((engine, counts))
-            });
-            match attempt {
-                Ok((engine, counts)) => {
-                    let probed = self.probe(&engine);
-                    self.counts = counts;
-                    shared.keys.store(counts.keys, Ordering::Relaxed);
-                    shared.bytes.store(counts.bytes, Ordering::Relaxed);
-                    // Reads work from the reopened engine even while writes
-                    // still fail; the fault keeps writes away from it.
-                    *shared
-                        .engine
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(engine));
-                    match probed {
-                        Ok(()) => {
-                            shared.set_fault(None);
-                            tracing::info!(dir = %shared.dir.display(), "storage recovered: writes work again");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, retry_in = ?wait, "storage still failing writes; reads are served");
-                            shared.set_fault(Some(e));
-                            std::thread::sleep(wait);
-                            wait = (wait * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "storage still failing");
-                    shared.set_fault(Some(e));
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
-    fn probe(&self, engine: &Engine) -> Result<(), StoreError> {
-        let dir = &self.shared.dir;
-        if self
-            .shared
-            .faults
-            .failing_commits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(StoreError::Full(format!(
-                "probe write failed in {}: No space left on device (injected)",
-                dir.display()
-            )));
-        }
-        let mut batch = engine.db.batch().durability(Some(PersistMode::SyncData));
-        batch.insert(&engine.meta, PROBE, "ok");
-        batch
-            .commit()
-            .map_err(|e| io_error("probe write failed in", dir, &e))
     }
 }
 
@@ -835,6 +437,8 @@ impl Drop for DiskStore {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::keyspace::KeyRange;
 

@@ -106,6 +106,20 @@ impl Faults {
         }
         Arc::new(faults)
     }
+
+    /// Fails as a full disk would, if a failure is still to be injected.
+    fn fail_one(&self, context: &str, dir: &std::path::Path) -> Result<(), StoreError> {
+        match self
+            .failing_commits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        {
+            Ok(_) => Err(StoreError::Full(format!(
+                "{context} {}: No space left on device (injected)",
+                dir.display()
+            ))),
+            Err(_) => Ok(()),
+        }
+    }
 }
 
 struct Shared {

@@ -164,17 +164,7 @@ impl Writer {
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
-        if shared
-            .faults
-            .failing_commits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(StoreError::Full(format!(
-                "write not persisted in {}: No space left on device (injected)",
-                dir.display()
-            )));
-        }
+        shared.faults.fail_one("write not persisted in", dir)?;
         let engine = shared.engine()?;
         if batch.is_empty() {
             return Ok(());
@@ -291,18 +281,7 @@ impl Writer {
 
     fn probe(&self, engine: &Engine) -> Result<(), StoreError> {
         let dir = &self.shared.dir;
-        if self
-            .shared
-            .faults
-            .failing_commits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(StoreError::Full(format!(
-                "probe write failed in {}: No space left on device (injected)",
-                dir.display()
-            )));
-        }
+        self.shared.faults.fail_one("probe write failed in", dir)?;
         let mut batch = engine.db.batch().durability(Some(PersistMode::SyncData));
         batch.insert(&engine.meta, PROBE, "ok");
         batch

@@ -8,14 +8,9 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::blocks::Blocks;
 use super::{
-    Entry, Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp, scan_done, scan_start,
+    Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp, fill_page, scan_start, utf8,
 };
 use crate::keyspace::Span;
-
-fn text(bytes: &[u8]) -> Result<&str, StoreError> {
-    // Everything stored came in as `&str`.
-    std::str::from_utf8(bytes).map_err(|_| StoreError::Corrupt("stored data is not UTF-8".into()))
-}
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -89,7 +84,7 @@ impl Store for MemoryStore {
         let inner = self.read_set();
         match inner.set.get(key.as_bytes()) {
             Some(value) => {
-                found(text(value)?);
+                found(utf8(value)?);
                 Ok(true)
             }
             None => Ok(false),
@@ -134,26 +129,7 @@ impl Store for MemoryStore {
     fn scan(&self, req: &ScanRequest<'_>) -> Result<Page, StoreError> {
         let inner = self.read_set();
         let (from, _) = scan_start(req);
-        let mut page = Page::default();
-        let mut bytes = 0usize;
-        for (key, value) in inner.set.range(from) {
-            if scan_done(req, key) {
-                break;
-            }
-            if page.entries.len() >= req.limit
-                || (!page.entries.is_empty() && bytes >= req.max_bytes)
-            {
-                page.more = true;
-                break;
-            }
-            let entry = Entry {
-                key: text(key)?.to_owned(),
-                value: text(value)?.to_owned(),
-            };
-            bytes += entry.size();
-            page.entries.push(entry);
-        }
-        Ok(page)
+        fill_page(req, inner.set.range(from).map(Ok))
     }
 
     fn keys(&self, span: &Span, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -163,7 +139,7 @@ impl Store for MemoryStore {
             .range(Bound::Included(span.start.as_slice()))
             .take_while(|(key, _)| span.contains(key))
             .take(limit)
-            .map(|(key, _)| text(key).map(str::to_owned))
+            .map(|(key, _)| utf8(key).map(str::to_owned))
             .collect()
     }
 

@@ -112,8 +112,41 @@ pub(crate) fn scan_start<'a>(req: &'a ScanRequest<'_>) -> (std::ops::Bound<&'a [
 
 /// Whether a scan that has reached `key` must stop: outside the span or
 /// past the prefix.
-pub(crate) fn scan_done(req: &ScanRequest<'_>, key: &[u8]) -> bool {
+fn scan_done(req: &ScanRequest<'_>, key: &[u8]) -> bool {
     !req.span.contains(key) || !key.starts_with(req.prefix.as_bytes())
+}
+
+/// One page of a scan, from a store's entries in key order from
+/// [`scan_start`]: it ends where the scan does, and is full (`more` set)
+/// at `limit` entries or at `max_bytes`, though never empty.
+pub(crate) fn fill_page<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    req: &ScanRequest<'_>,
+    entries: impl Iterator<Item = Result<(K, V), StoreError>>,
+) -> Result<Page, StoreError> {
+    let mut page = Page::default();
+    let mut bytes = 0usize;
+    for item in entries {
+        let (key, value) = item?;
+        if scan_done(req, key.as_ref()) {
+            break;
+        }
+        if page.entries.len() >= req.limit || (!page.entries.is_empty() && bytes >= req.max_bytes) {
+            page.more = true;
+            break;
+        }
+        let entry = Entry {
+            key: utf8(key.as_ref())?.to_owned(),
+            value: utf8(value.as_ref())?.to_owned(),
+        };
+        bytes += entry.size();
+        page.entries.push(entry);
+    }
+    Ok(page)
+}
+
+/// Stored bytes as text: everything stored came in as `&str`.
+pub(crate) fn utf8(bytes: &[u8]) -> Result<&str, StoreError> {
+    std::str::from_utf8(bytes).map_err(|_| StoreError::Corrupt("stored data is not UTF-8".into()))
 }
 
 /// Runs `read` against `store`, on the blocking pool when the engine's

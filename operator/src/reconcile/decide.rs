@@ -18,11 +18,9 @@ pub(super) struct Plan {
     pub(super) applied: Vec<AssignedRange>,
     /// The layout the spec's ranges go to.
     pub(super) target: Vec<AssignedRange>,
-    /// Where the driver moves keys this time: the target, or during a
-    /// Memory rollout's hand-off the target with one pod's ranges handed
-    /// to another.
-    pub(super) driver_target: Vec<AssignedRange>,
-    /// A Memory rollout's hand-off: from which ordinal to which.
+    /// A Memory rollout's hand-off: from which ordinal to which. The
+    /// driver then moves keys to the target with that pod's ranges handed
+    /// to the other.
     pub(super) handoff: Option<(i32, i32)>,
     /// The target differs from what is served.
     pub(super) moving: bool,

@@ -2,6 +2,8 @@
 //! a move needs, one step of the resharding driver, and when a pod above
 //! the layout may go.
 
+use std::borrow::Cow;
+
 use cavi_client::reshard::{DriveError, Report};
 use cavi_node::config::ClusterConfig;
 use k8s_openapi::jiff::Timestamp;
@@ -121,7 +123,7 @@ pub(super) async fn scale_down_to(
     spec: &CaviClusterSpec,
     target: &[AssignedRange],
     replicas_now: i32,
-    entry: &Option<cavi_client::Client>,
+    entry: Option<&cavi_client::Client>,
 ) -> i32 {
     let needed = layout::pods_needed(target);
     if replicas_now <= needed {
@@ -198,7 +200,11 @@ pub(super) async fn drive_keys(
             migrations: Vec::new(),
         })
     } else {
-        let goal = config_for(names, &cluster.spec, &ctx.opts, &plan.driver_target, 0);
+        let ranges = match plan.handoff {
+            Some((from, to)) => Cow::Owned(layout::handed_over(&plan.target, from, to)),
+            None => Cow::Borrowed(&plan.target[..]),
+        };
+        let goal = config_for(names, &cluster.spec, &ctx.opts, &ranges, 0);
         drive(ctx, cluster, entry, &goal, &cluster_key).await?
     };
     if let Some(view) = view {

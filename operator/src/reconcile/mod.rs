@@ -321,13 +321,9 @@ async fn reconcile_inner(cluster: &CaviCluster, ctx: &Context) -> Result<Action,
         .iter()
         .any(|p| p.template_hash.as_deref() != Some(desired_hash.as_str()));
     // Who owns keys right now matters only to a Memory rollout.
-    let live = if memory && outdated {
-        match &entry {
-            Some(e) => e.cluster().await.ok(),
-            None => None,
-        }
-    } else {
-        None
+    let live = match &entry {
+        Some(e) if memory && outdated => e.cluster().await.ok(),
+        _ => None,
     };
     let step = rollout::next_step(
         &pods,
@@ -347,10 +343,6 @@ async fn reconcile_inner(cluster: &CaviCluster, ctx: &Context) -> Result<Action,
         Step::HandOff { ordinal, to } => Some((*ordinal, *to)),
         _ => None,
     };
-    let driver_target = match handoff {
-        Some((from, to)) => layout::handed_over(&target, from, to),
-        None => target.clone(),
-    };
     // Keys move until the driver says every node serves the target; after
     // a Memory rollout, the last restarted pod's ranges come back.
     let driving = moving
@@ -362,7 +354,6 @@ async fn reconcile_inner(cluster: &CaviCluster, ctx: &Context) -> Result<Action,
     let plan = Plan {
         applied,
         target,
-        driver_target,
         handoff,
         moving,
         driving,
@@ -372,7 +363,15 @@ async fn reconcile_inner(cluster: &CaviCluster, ctx: &Context) -> Result<Action,
     let replicas = if plan.driving {
         layout::pods_needed(&plan.applied).max(layout::pods_needed(&plan.target))
     } else {
-        scale_down_to(ctx, &names, spec, &plan.target, replicas_now, &entry).await
+        scale_down_to(
+            ctx,
+            &names,
+            spec,
+            &plan.target,
+            replicas_now,
+            entry.as_ref(),
+        )
+        .await
     };
     let shape = Shape {
         config: config_for(

@@ -28,20 +28,19 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fjall::PersistMode;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::{
     CommitObserver, NodeState, Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp,
-    scan_done, scan_start,
+    fill_page, scan_start, utf8,
 };
 use crate::keyspace::Span;
-use crate::store::Entry;
 
 mod engine;
 mod writer;
 
 use engine::{Engine, io_error, load_counts, open_engine};
-use writer::{Msg, Waiter, Writer, schedule_as_batch, stopped};
+use writer::{Msg, Waiter};
 
 #[derive(Clone)]
 pub struct DiskOptions {
@@ -187,22 +186,13 @@ impl DiskStore {
             faults: options.faults.clone(),
         });
         let (tx, rx) = mpsc::channel();
-        let max_batch = options.max_batch.max(1);
-        let writer = std::thread::Builder::new()
-            .name("cavi-writer".into())
-            .spawn({
-                let shared = shared.clone();
-                let commits = options.commits.clone();
-                move || {
-                    if let Err(e) = schedule_as_batch() {
-                        tracing::info!("the storage writer keeps the default scheduling: {e}");
-                    }
-                    Writer::new(shared, max_batch, counts, commits).run(&rx)
-                }
-            })
-            .map_err(|e| {
-                StoreError::Unavailable(format!("cannot start the storage writer: {e}"))
-            })?;
+        let writer = writer::spawn(
+            shared.clone(),
+            options.max_batch.max(1),
+            counts,
+            options.commits.clone(),
+            rx,
+        )?;
         Ok(Self {
             shared,
             writes: Some(tx),
@@ -219,10 +209,6 @@ impl DiskStore {
         self.shared.syncs.load(Ordering::Relaxed)
     }
 
-    fn send(&self, msg: Msg) -> bool {
-        self.writes.as_ref().is_some_and(|w| w.send(msg).is_ok())
-    }
-
     fn submit(&self, ops: Vec<WriteOp>) -> WriteAck {
         if let Some(fault) = self.shared.fault() {
             return Box::pin(std::future::ready(Err(fault)));
@@ -235,20 +221,8 @@ impl DiskStore {
             self.room.clone().try_acquire_owned(),
             self.room_bytes.clone().try_acquire_many_owned(bytes),
         ) {
-            let sent = self.send(Msg::Write {
-                ops,
-                waiter: Waiter {
-                    done,
-                    _room: room,
-                    _bytes: room_bytes,
-                },
-            });
-            return Box::pin(async move {
-                if !sent {
-                    return Err(stopped());
-                }
-                ack.await.map_err(|_| stopped())?
-            });
+            let sent = queue_write(self.writes.as_ref(), ops, done, room, room_bytes);
+            return Box::pin(answer(sent, ack));
         }
         // Slow path: wait, in arrival order, for room.
         let (room, room_bytes) = (self.room.clone(), self.room_bytes.clone());
@@ -266,27 +240,41 @@ impl DiskStore {
                     "the write queue stayed full for {wait:?}: the disk cannot keep up"
                 )));
             };
-            let sent = writes.is_some_and(|w| {
-                w.send(Msg::Write {
-                    ops,
-                    waiter: Waiter {
-                        done,
-                        _room: r,
-                        _bytes: b,
-                    },
-                })
-                .is_ok()
-            });
-            if !sent {
-                return Err(stopped());
-            }
-            ack.await.map_err(|_| stopped())?
+            answer(queue_write(writes.as_ref(), ops, done, r, b), ack).await
         })
     }
 }
 
-fn utf8(bytes: &[u8]) -> Result<&str, StoreError> {
-    std::str::from_utf8(bytes).map_err(|_| StoreError::Corrupt("stored data is not UTF-8".into()))
+/// Queues a write with its room in the queue; false once the writer has
+/// stopped.
+fn queue_write(
+    writes: Option<&mpsc::Sender<Msg>>,
+    ops: Vec<WriteOp>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+    room: OwnedSemaphorePermit,
+    bytes: OwnedSemaphorePermit,
+) -> bool {
+    let waiter = Waiter {
+        done,
+        _room: room,
+        _bytes: bytes,
+    };
+    writes.is_some_and(|w| w.send(Msg::Write { ops, waiter }).is_ok())
+}
+
+/// The writer's answer to what was sent to it.
+async fn answer(
+    sent: bool,
+    ack: oneshot::Receiver<Result<(), StoreError>>,
+) -> Result<(), StoreError> {
+    if !sent {
+        return Err(stopped());
+    }
+    ack.await.map_err(|_| stopped())?
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the storage writer has stopped".into())
 }
 
 fn read_error(e: &fjall::Error) -> StoreError {
@@ -319,13 +307,11 @@ impl Store for DiskStore {
 
     fn set_tap(&self, tap: Option<Arc<dyn Tap>>) -> WriteAck {
         let (done, ack) = oneshot::channel();
-        let sent = self.send(Msg::SetTap { tap, done });
-        Box::pin(async move {
-            if !sent {
-                return Err(stopped());
-            }
-            ack.await.map_err(|_| stopped())?
-        })
+        let sent = self
+            .writes
+            .as_ref()
+            .is_some_and(|w| w.send(Msg::SetTap { tap, done }).is_ok());
+        Box::pin(answer(sent, ack))
     }
 
     fn scan(&self, req: &ScanRequest<'_>) -> Result<Page, StoreError> {
@@ -335,27 +321,11 @@ impl Store for DiskStore {
             from.map(<[u8]>::to_vec),
             std::ops::Bound::Unbounded::<Vec<u8>>,
         );
-        let mut page = Page::default();
-        let mut bytes = 0usize;
-        for item in engine.data.range(range) {
-            let (k, v) = item.into_inner().map_err(|e| read_error(&e))?;
-            if scan_done(req, &k) {
-                break;
-            }
-            if page.entries.len() >= req.limit
-                || (!page.entries.is_empty() && bytes >= req.max_bytes)
-            {
-                page.more = true;
-                break;
-            }
-            let entry = Entry {
-                key: utf8(&k)?.to_owned(),
-                value: utf8(&v)?.to_owned(),
-            };
-            bytes += entry.size();
-            page.entries.push(entry);
-        }
-        Ok(page)
+        let entries = engine
+            .data
+            .range(range)
+            .map(|item| item.into_inner().map_err(|e| read_error(&e)));
+        fill_page(req, entries)
     }
 
     fn keys(&self, span: &Span, limit: usize) -> Result<Vec<String>, StoreError> {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fjall::PersistMode;
@@ -33,6 +34,25 @@ pub(super) enum Msg {
     },
 }
 
+/// Starts the writer thread on `queue`.
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    max_batch: usize,
+    counts: Counts,
+    commits: Option<Arc<dyn CommitObserver>>,
+    queue: mpsc::Receiver<Msg>,
+) -> Result<JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name("cavi-writer".into())
+        .spawn(move || {
+            if let Err(e) = schedule_as_batch() {
+                tracing::info!("the storage writer keeps the default scheduling: {e}");
+            }
+            Writer::new(shared, max_batch, counts, commits).run(&queue)
+        })
+        .map_err(|e| StoreError::Unavailable(format!("cannot start the storage writer: {e}")))
+}
+
 /// Puts the calling thread (the writer) under `SCHED_BATCH`, keeping its
 /// nice value.
 ///
@@ -49,7 +69,7 @@ pub(super) enum Msg {
 /// be set (another platform, a sandbox that forbids it), the writer runs
 /// as before and the node logs why at start.
 #[cfg(target_os = "linux")]
-pub(super) fn schedule_as_batch() -> Result<(), String> {
+fn schedule_as_batch() -> Result<(), String> {
     use thread_priority::{
         NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
         set_thread_priority_and_policy, thread_native_id,
@@ -67,16 +87,12 @@ pub(super) fn schedule_as_batch() -> Result<(), String> {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(super) fn schedule_as_batch() -> Result<(), String> {
+fn schedule_as_batch() -> Result<(), String> {
     Err("SCHED_BATCH is Linux's".into())
 }
 
-pub(super) fn stopped() -> StoreError {
-    StoreError::Unavailable("the storage writer has stopped".into())
-}
-
 /// The writer thread's state.
-pub(super) struct Writer {
+struct Writer {
     shared: Arc<Shared>,
     max_batch: usize,
     counts: Counts,
@@ -86,7 +102,7 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn new(
+    fn new(
         shared: Arc<Shared>,
         max_batch: usize,
         counts: Counts,
@@ -101,7 +117,7 @@ impl Writer {
         }
     }
 
-    pub(super) fn run(mut self, queue: &mpsc::Receiver<Msg>) {
+    fn run(mut self, queue: &mpsc::Receiver<Msg>) {
         let mut next = queue.recv().ok();
         while let Some(first) = next.take() {
             let mut ops: Vec<WriteOp> = Vec::new();

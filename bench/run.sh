@@ -287,16 +287,25 @@ awk -v n="$LOAD_KEYS" 'BEGIN {
   for (i = 0; i < n; i++) printf "{\"key\":\"%s%015d\",\"value\":\"%s\"}\n", (i % 2 ? "n" : "a"), i, v
 }' >"$work/load.jsonl"
 # cavi_load LABEL [FLAGS...]: loads every key into a fresh cluster; sets
-# load_secs load_rate stored.
+# load_secs load_rate stored load_writes (writes a commit on a durable
+# first shard).
 cavi_load() {
   local label=$1; shift
-  serve load "$NODE" all "$work/two.yaml"
+  local flags=() node_flags=()
+  # --data-dir DIR goes to the nodes, every other flag to cavi.
+  while [ $# -gt 0 ]; do
+    if [ "$1" = --data-dir ]; then node_flags=(--data-dir "$2"); shift 2; else flags+=("$1"); shift; fi
+  done
+  serve load "$NODE" all "$work/two.yaml" "${node_flags[@]}"
   local pid=$last_pid start end
   wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
   log "cavi load, $label"
   start=$(date +%s.%N)
-  taskset -c "$CLIENT_CPU" "$CAVI" -e "http://127.0.0.1:$p0" "$@" load "$work/load.jsonl" --concurrency "$CONNS" >/dev/null
+  taskset -c "$CLIENT_CPU" "$CAVI" -e "http://127.0.0.1:$p0" "${flags[@]}" load "$work/load.jsonl" --concurrency "$CONNS" >/dev/null
   end=$(date +%s.%N)
+  load_writes=$(curl -fs "http://127.0.0.1:$p0/metrics" | awk '
+    $1 == "cavi_storage_commits_total" { c = $2 } $1 == "cavi_storage_committed_writes_total" { w = $2 }
+    END { if (c > 0) printf "%.1f", w / c; else print "-" }')
   stored=$(( $(curl -fs "http://127.0.0.1:$p0/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"])') \
     + $(curl -fs "http://127.0.0.1:$p1/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"])') ))
   load_secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')
@@ -307,7 +316,12 @@ cavi_load "through one entry node" --no-routing
 entry_rate=$load_rate
 row "cavi load --no-routing (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_secs s, $stored stored"
 cavi_load "routed to owners"
+routed_rate=$load_rate
 row "cavi load, routed (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_secs s, $stored stored; $(ratio "$load_rate" "$entry_rate") of --no-routing (target >= 1.80x)"
+# The same into durable owners: their PUTs go one to a connection, not
+# pipelined, so that they share group commits.
+cavi_load "routed to durable owners" --data-dir "$work/load-data"
+row "cavi load, routed, durable (keys/s)" "$load_rate" "" "" "$LOAD_KEYS keys in $load_secs s, $stored stored; $(ratio "$load_rate" "$routed_rate") of memory owners; $load_writes writes a commit"
 
 # --- Resharding: a range moved between live nodes under load -------------
 # Shard 0 holds a..m with MOVE_KEYS keys of 1,000-byte values in h..m; a

@@ -9,11 +9,14 @@
 //!
 //! Each PUT goes to its owner over pipelined connections
 //! ([`cavi_node::pipe`]): the PUTs ready at one moment leave in one write.
+//! A durable owner (its `/cluster` says so) answers a connection's PUTs
+//! one commit after another, so its PUTs go one to a connection, as many
+//! connections as PUTs in flight, and share its commits instead.
 //! A PUT that does not come back `2xx` goes again the ordinary way, through
 //! the router, which retries, follows a newer map and turns the answer into
 //! a sentence. With `--concurrency 1` the records go one at a time, in order.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{OnceCell, mpsc};
 use tokio::task::JoinSet;
 
 use cavi_node::pipe::{self, Pipes};
@@ -454,8 +457,7 @@ pub async fn load(
         mode => Some(tokio::spawn(report_progress(loaded.clone(), started, mode))),
     };
 
-    let timeout = client.entry().timeout();
-    let pipes = Arc::new(Pipes::new(timeout, timeout));
+    let lanes = Arc::new(Lanes::new(client.entry().timeout(), concurrency));
     let mut in_flight = JoinSet::new();
     let mut error: Option<ClientError> = None;
     let mut reading = true;
@@ -469,9 +471,9 @@ pub async fn load(
                     reading = false;
                 }
                 Some(Ok(Record { line, key, value })) => {
-                    let (client, pipes) = (client.clone(), pipes.clone());
+                    let (client, lanes) = (client.clone(), lanes.clone());
                     in_flight
-                        .spawn(async move { (line, put(&client, &pipes, &key, &value).await) });
+                        .spawn(async move { (line, put(&client, &lanes, &key, &value).await) });
                 }
             }
         }
@@ -512,10 +514,56 @@ pub async fn load(
     }
 }
 
+/// The connections a load's PUTs take: pipelined to a memory owner, one
+/// at a time on each of many to a durable one.
+struct Lanes {
+    pipelined: Pipes,
+    parallel: Pipes,
+    timeout: Duration,
+    /// Whether each owner seen is durable, asked once.
+    durable: Mutex<HashMap<String, Arc<OnceCell<bool>>>>,
+}
+
+impl Lanes {
+    fn new(timeout: Duration, concurrency: usize) -> Self {
+        Self {
+            pipelined: Pipes::new(timeout, timeout),
+            parallel: Pipes::new(timeout, timeout).shaped(concurrency, 1),
+            timeout,
+            durable: Mutex::default(),
+        }
+    }
+
+    /// The pool for `addr`. An owner that cannot say what it is (it is
+    /// down, or older) gets pipelines: its PUTs fail over to the router
+    /// either way.
+    async fn to(&self, router: &Router, addr: &str) -> &Pipes {
+        let known = self
+            .durable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(addr.to_owned())
+            .or_default()
+            .clone();
+        let durable = *known
+            .get_or_init(|| async {
+                let owner = router.entry().for_addr(addr, self.timeout);
+                owner.cluster().await.is_ok_and(|view| view.durable)
+            })
+            .await;
+        if durable {
+            &self.parallel
+        } else {
+            &self.pipelined
+        }
+    }
+}
+
 /// PUTs one record, pipelined to its owner; anything but a `2xx` goes
 /// again through the router.
-async fn put(router: &Router, pipes: &Pipes, key: &str, value: &str) -> Result<(), ClientError> {
+async fn put(router: &Router, lanes: &Lanes, key: &str, value: &str) -> Result<(), ClientError> {
     let addr = router.addr_for(key).await;
+    let pipes = lanes.to(router, &addr).await;
     let body = serde_json::to_vec(&PutRequest { value })
         .map_err(|e| ClientError::Input(format!("cannot encode the value of {key:?}: {e}")))?;
     let request = pipe::request(

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cavi_node::testkit::{Cluster, Member, SEED, bind, fast_settings, spawn_node};
+use cavi_node::testkit::process::NodeProc;
+use cavi_node::testkit::{Client, Cluster, Member, SEED, bind, fast_settings, spawn_node};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -468,6 +469,53 @@ async fn load_stops_at_a_key_the_server_refuses() {
     assert!(run.stdout.starts_with("loaded 1 key in "), "{run:?}");
     assert_eq!(stored(&c, 0, "apple").await.as_deref(), Some("1"));
     assert_eq!(stored(&c, 1, "zebra").await, None);
+}
+
+/// A durable node answers each connection's PUTs one commit at a time: a
+/// load that pipelined 32 PUTs over two connections put at most two writes
+/// in a commit. With a connection for each PUT in flight they share them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_into_a_durable_node_shares_its_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let mut node = NodeProc::new(0, &config, dir.path(), true);
+    std::fs::write(
+        &config,
+        format!("shards:\n  - {{ id: 0, addr: \"{}\" }}\n", node.addr),
+    )
+    .unwrap();
+    // A disk that takes 20 ms a commit, whatever the machine.
+    node.env("CAVI_DEBUG_COMMIT_DELAY_MS", "20");
+    node.start().await;
+    let path = dir.path().join("data.csv");
+    let keys = 400;
+    let text: String = (0..keys)
+        .map(|i| format!("key{i:04},value {i}\n"))
+        .collect();
+    std::fs::write(&path, text).unwrap();
+
+    let run = cavi(&node.url(), &["load", path.to_str().unwrap()]).await;
+    ok(&run);
+    assert!(run.stdout.starts_with("loaded 400 keys in "), "{run:?}");
+    let client = Client::new();
+    let metrics = client.metrics(&node.url()).await;
+    let metric = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    assert_eq!(metric("cavi_storage_committed_writes_total"), keys);
+    let commits = metric("cavi_storage_commits_total");
+    assert!(
+        commits < keys / 4,
+        "{commits} commits for {keys} writes: the load's PUTs queued behind each other"
+    );
+    for i in [0, 199, 399] {
+        let got = client.get(&node.url(), &format!("key{i:04}")).await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.body, Value::from(format!("value {i}")));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,9 @@
 //! A connection carries requests one after another, so a slow answer
 //! holds up the ones behind it: writes keep the pooled client, where a
 //! durable owner's group commit sees every writer at once, and a peer gets
-//! a few connections, the least busy taking the next request. A request
+//! a few connections, the least busy taking the next request. (`cavi
+//! load` sends its PUTs to a durable owner with a queue depth of one and
+//! as many connections as PUTs in flight, for the same reason.) A request
 //! that times out closes its connection (a hung peer); one whose
 //! connection closed before its answer (a restart, or the peer closing an
 //! idle connection as the request left) fails as `Closed`, which the
@@ -30,9 +32,10 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-/// Connections to one peer, at most.
+/// Connections to one peer, at most, by default.
 const PIPES_PER_PEER: usize = 4;
-/// Requests waiting on every connection to a peer before another opens.
+/// Requests waiting on every connection to a peer before another opens,
+/// by default.
 const OPEN_AT_BUSY: usize = 16;
 /// Requests put in one write, at most.
 const MAX_WRITE: usize = 64;
@@ -94,6 +97,8 @@ impl Drop for Busy<'_> {
 #[derive(Debug)]
 pub struct Pipes {
     peers: Mutex<HashMap<String, Vec<Arc<Pipe>>>>,
+    per_peer: usize,
+    open_at_busy: usize,
     connect_timeout: Duration,
     request_timeout: Duration,
 }
@@ -110,9 +115,21 @@ impl Pipes {
     pub fn new(connect_timeout: Duration, request_timeout: Duration) -> Self {
         Self {
             peers: Mutex::default(),
+            per_peer: PIPES_PER_PEER,
+            open_at_busy: OPEN_AT_BUSY,
             connect_timeout,
             request_timeout,
         }
+    }
+
+    /// Up to `connections` connections to a peer, another opening once
+    /// every one has `depth` requests waiting (4 and 16 by default). A
+    /// depth of one gives each request in flight a connection of its own.
+    #[must_use]
+    pub fn shaped(mut self, connections: usize, depth: usize) -> Self {
+        self.per_peer = connections.max(1);
+        self.open_at_busy = depth.max(1);
+        self
     }
 
     /// Sends `request` (a whole HTTP/1.1 request, see [`request`]) to
@@ -149,8 +166,8 @@ impl Pipes {
             .cloned();
         match idlest {
             Some(p)
-                if p.busy.load(Ordering::Relaxed) < OPEN_AT_BUSY
-                    || pipes.len() >= PIPES_PER_PEER =>
+                if p.busy.load(Ordering::Relaxed) < self.open_at_busy
+                    || pipes.len() >= self.per_peer =>
             {
                 p
             }
@@ -429,6 +446,74 @@ mod tests {
             ),
             "{sent}"
         );
+    }
+
+    /// A peer on a fresh port that takes every connection it is given
+    /// and answers each request 5 ms after the one before it on that
+    /// connection (a durable node's commit); it counts the connections.
+    async fn slow_peer() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+                    loop {
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            let answer = b"HTTP/1.1 204 No Content\r\n\r\n";
+                            if socket.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    /// Sends `n` GETs at once; every one must be answered.
+    async fn at_once(pipes: &Pipes, addr: &str, n: usize) {
+        let get = |i: usize| request("GET", "x", &format!("/{i}"), None, &[]);
+        let sends = (0..n).map(|i| pipes.send(addr, get(i)));
+        for answer in futures::future::join_all(sends).await {
+            assert_eq!(answer.unwrap().status, StatusCode::NO_CONTENT);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_opens_connections_as_its_shape_says() {
+        let timeout = Duration::from_secs(5);
+        // By default 16 requests share a connection; the 17th opens another.
+        let (addr, connections) = slow_peer().await;
+        let pipes = Pipes::new(timeout, timeout);
+        at_once(&pipes, &addr, 16).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        at_once(&pipes, &addr, 17).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        // At most 4 connections, however many wait.
+        at_once(&pipes, &addr, 100).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 4);
+
+        // A depth of one: a connection for each request in flight, up to
+        // the limit, and the idle ones are used again.
+        let (addr, connections) = slow_peer().await;
+        let pipes = Pipes::new(timeout, timeout).shaped(8, 1);
+        at_once(&pipes, &addr, 6).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 6);
+        at_once(&pipes, &addr, 6).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 6);
+        at_once(&pipes, &addr, 20).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 8);
     }
 
     /// A peer answering two pipelined GETs with one write, in order.

@@ -77,6 +77,13 @@ pub struct ClusterView {
     /// Key and value bytes held by this node (exact).
     #[serde(default)]
     pub bytes: u64,
+    /// Whether this node keeps its shard on disk and answers a PUT or
+    /// DELETE once it is fsynced. Such a node serves the requests of one
+    /// connection one commit after another, so a client with many writes
+    /// in flight gives each its own connection rather than pipelining
+    /// them on a few.
+    #[serde(default)]
+    pub durable: bool,
     /// The live map: owned ranges in key order. Mid-reshard a shard may
     /// appear more than once.
     pub shards: Vec<ShardConfig>,

@@ -469,6 +469,7 @@ async fn cluster(State(node): State<AppState>) -> Result<Json<ClusterView>, ApiE
         epoch: map.epoch,
         keys: store.len(),
         bytes: store.bytes(),
+        durable: store.state().is_some(),
         shards: map.shards.clone(),
         moves: node.moves(),
     }))

@@ -173,13 +173,14 @@ impl Node {
         let store = self.serving_store()?;
         match op {
             KvOp::Get => {
-                let body = if store.reads_block() {
-                    let (store, key) = (store.clone(), key.to_owned());
-                    tokio::task::spawn_blocking(move || read_json(store.as_ref(), &key))
-                        .await
-                        .map_err(|e| ApiError::Internal(format!("read task failed: {e}")))??
-                } else {
-                    read_json(store.as_ref(), key)?
+                let body = match store.readers() {
+                    None => read_json(store.as_ref(), key)?,
+                    Some(readers) => {
+                        let (store, key) = (store.clone(), key.to_owned());
+                        readers
+                            .run(move || read_json(store.as_ref(), &key))
+                            .await??
+                    }
                 };
                 match body {
                     Some(json) => Ok(json_response(json)),

@@ -31,7 +31,7 @@ use crate::error::ApiError;
 use crate::keyspace::{Span, prefix_upper_bound};
 use crate::node::Node;
 use crate::peers::{Caller, PageAnswer, PageQuery, PeerError};
-use crate::store::{Entry, Page, ScanRequest, Store};
+use crate::store::{Entry, Page, ScanRequest, Store, read_off_workers};
 use crate::wire::{DecodeError, URL_ESCAPE, decode_cursor, encode_cursor, parse_query};
 
 /// Query parameters of `GET /search`.
@@ -552,8 +552,7 @@ impl Node {
 
 async fn scan(store: Arc<dyn Store>, q: &PageQuery<'_>, span: Span) -> Result<Page, ApiError> {
     let (prefix, limit, max_bytes) = (q.prefix.to_owned(), q.limit, q.max_bytes);
-    let blocking = store.reads_block();
-    let run = move || {
+    Ok(read_off_workers(&store, move |store| {
         store.scan(&ScanRequest {
             span: &span,
             prefix: &prefix,
@@ -561,13 +560,8 @@ async fn scan(store: Arc<dyn Store>, q: &PageQuery<'_>, span: Span) -> Result<Pa
             limit,
             max_bytes,
         })
-    };
-    if !blocking {
-        return Ok(run()?);
-    }
-    Ok(tokio::task::spawn_blocking(run)
-        .await
-        .map_err(|e| ApiError::Internal(format!("scan task failed: {e}")))??)
+    })
+    .await?)
 }
 
 /// [`entries_json`], on the blocking pool when the chunk is large: escaping

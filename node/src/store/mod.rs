@@ -5,6 +5,8 @@
 mod blocks;
 mod disk;
 mod memory;
+mod readers;
+pub(crate) mod sched;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 
 pub use disk::{DiskOptions, DiskStore, Faults};
 pub use memory::MemoryStore;
+pub use readers::Readers;
 
 use serde::{Deserialize, Serialize};
 
@@ -149,19 +152,17 @@ pub(crate) fn utf8(bytes: &[u8]) -> Result<&str, StoreError> {
     std::str::from_utf8(bytes).map_err(|_| StoreError::Corrupt("stored data is not UTF-8".into()))
 }
 
-/// Runs `read` against `store`, on the blocking pool when the engine's
+/// Runs `read` against `store`, on the engine's reader threads when its
 /// reads may wait for a disk, else right here.
-pub async fn read_off_workers<T: Send + 'static>(
+pub async fn read_off_workers<T: Send + 'static, E: From<StoreError> + Send + 'static>(
     store: &Arc<dyn Store>,
-    read: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    if !store.reads_block() {
+    read: impl FnOnce(&dyn Store) -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    let Some(readers) = store.readers() else {
         return read(store.as_ref());
-    }
+    };
     let engine = store.clone();
-    tokio::task::spawn_blocking(move || read(engine.as_ref()))
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("a read task failed: {e}")))?
+    readers.run(move || read(engine.as_ref())).await?
 }
 
 /// A shard's ordered key-value storage.
@@ -216,10 +217,10 @@ pub trait Store: Send + Sync + 'static {
         self.len() == 0
     }
 
-    /// Whether reads may wait for a disk, so the node runs them off the
-    /// async workers.
-    fn reads_block(&self) -> bool {
-        false
+    /// The threads that run this engine's reads, when they may wait for a
+    /// disk and so stay off the async workers; `None` to read in place.
+    fn readers(&self) -> Option<&Readers> {
+        None
     }
 
     /// Why writes fail right now, if they do (a full disk, an engine being

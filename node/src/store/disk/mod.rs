@@ -31,8 +31,8 @@ use fjall::PersistMode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::{
-    CommitObserver, NodeState, Page, ScanRequest, Store, StoreError, Tap, WriteAck, WriteOp,
-    fill_page, scan_start, utf8,
+    CommitObserver, NodeState, Page, Readers, ScanRequest, Store, StoreError, Tap, WriteAck,
+    WriteOp, fill_page, scan_start, utf8,
 };
 use crate::keyspace::Span;
 
@@ -155,6 +155,7 @@ impl Shared {
 
 pub struct DiskStore {
     shared: Arc<Shared>,
+    readers: Readers,
     writes: Option<mpsc::Sender<Msg>>,
     writer: Option<JoinHandle<()>>,
     room: Arc<Semaphore>,
@@ -195,6 +196,7 @@ impl DiskStore {
         )?;
         Ok(Self {
             shared,
+            readers: Readers::start()?,
             writes: Some(tx),
             writer: Some(writer),
             room: Arc::new(Semaphore::new(options.max_queued_writes.max(1))),
@@ -370,8 +372,8 @@ impl Store for DiskStore {
         self.shared.bytes.load(Ordering::Relaxed)
     }
 
-    fn reads_block(&self) -> bool {
-        true
+    fn readers(&self) -> Option<&Readers> {
+        Some(&self.readers)
     }
 
     fn fault(&self) -> Option<StoreError> {

@@ -1,0 +1,107 @@
+//! The threads that run an engine's reads when they may wait for a disk.
+//!
+//! A read handed to tokio's blocking pool costs a wake-up of a pool thread
+//! and a switch to it and back, each read on its own: on a core shared
+//! with the request handlers, more than the read. Here a few threads take
+//! reads from one queue, each running whatever is queued before it sleeps
+//! again, and they run as batch threads ([`schedule_as_batch`]): on a
+//! shared core they run when the handlers wait, and then take every read
+//! the handlers queued meanwhile. Several threads, so that a read that
+//! waits for the disk does not hold up the ones behind it.
+
+use std::num::NonZero;
+use std::panic::AssertUnwindSafe;
+
+use tokio::sync::oneshot;
+
+use super::StoreError;
+use super::sched::schedule_as_batch;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Reader threads: they stop once this is dropped and their queue is empty.
+pub struct Readers {
+    jobs: flume::Sender<Job>,
+}
+
+impl std::fmt::Debug for Readers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readers")
+            .field("queued", &self.jobs.len())
+            .finish()
+    }
+}
+
+impl Readers {
+    /// One thread per core this process may use, at least 2 and at most 8.
+    pub fn start() -> Result<Self, StoreError> {
+        let cores = std::thread::available_parallelism().map_or(2, NonZero::get);
+        Self::with_threads(cores.clamp(2, 8))
+    }
+
+    pub fn with_threads(threads: usize) -> Result<Self, StoreError> {
+        let (jobs, queue) = flume::unbounded::<Job>();
+        for i in 0..threads.max(1) {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name("cavi-reader".into())
+                .spawn(move || {
+                    if let Err(e) = schedule_as_batch()
+                        && i == 0
+                    {
+                        tracing::info!("the storage readers keep the default scheduling: {e}");
+                    }
+                    for job in queue.iter() {
+                        // A read that panics fails its request (its answer
+                        // is dropped), not the reader.
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                    }
+                })
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot start the storage readers: {e}"))
+                })?;
+        }
+        Ok(Self { jobs })
+    }
+
+    /// Runs `read` on a reader thread and waits for what it returns.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        read: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (done, answer) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = done.send(read());
+            }))
+            .map_err(|_| StoreError::Unavailable("the storage readers have stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("a read failed on the storage reader".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_run_on_reader_threads_and_a_panicking_one_fails_alone() {
+        let readers = Readers::with_threads(2).unwrap();
+        let name = readers
+            .run(|| std::thread::current().name().map(str::to_owned))
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("cavi-reader"));
+        let failed = readers.run(|| -> u32 { panic!("a broken read") }).await;
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
+        // Both threads still serve: many reads at once all come back.
+        let sums = futures::future::join_all((0..100u64).map(|i| readers.run(move || i * 2))).await;
+        let total: u64 = sums.into_iter().map(Result::unwrap).sum();
+        assert_eq!(total, 9900);
+    }
+}

@@ -538,13 +538,13 @@ impl Lanes {
     /// down, or older) gets pipelines: its PUTs fail over to the router
     /// either way.
     async fn to(&self, router: &Router, addr: &str) -> &Pipes {
-        let known = self
-            .durable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(addr.to_owned())
-            .or_default()
-            .clone();
+        let known = {
+            let mut durable = self.durable.lock().unwrap_or_else(PoisonError::into_inner);
+            match durable.get(addr) {
+                Some(known) => known.clone(),
+                None => durable.entry(addr.to_owned()).or_default().clone(),
+            }
+        };
         let durable = *known
             .get_or_init(|| async {
                 let owner = router.entry().for_addr(addr, self.timeout);

@@ -491,7 +491,7 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn the_writer_runs_as_a_batch_thread_with_its_nice_value() {
+    async fn the_writer_and_the_readers_run_as_batch_threads_with_their_nice_value() {
         const SCHED_BATCH: u32 = 3;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
@@ -503,6 +503,22 @@ mod tests {
         for (policy, writer_nice) in writers {
             assert_eq!(policy, SCHED_BATCH, "the writer's scheduling policy");
             assert_eq!(writer_nice, nice, "the writer's nice value");
+        }
+        // A read runs on a reader; each reader sets its policy as it
+        // starts, so wait (bounded) for every one of them to have started.
+        let readers = store.readers().expect("a disk store has readers");
+        let read = readers.run(|| std::thread::current().name().map(str::to_owned));
+        assert_eq!(read.await.expect("read").as_deref(), Some("cavi-reader"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = scheduling_of("cavi-reader");
+            assert!(found.len() >= 2, "{} reader threads", found.len());
+            if found.iter().all(|&(policy, _)| policy == SCHED_BATCH) {
+                assert!(found.iter().all(|&(_, n)| n == nice), "{found:?}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{found:?}");
+            tokio::task::yield_now().await;
         }
     }
 

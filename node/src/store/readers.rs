@@ -84,6 +84,8 @@ impl Readers {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
@@ -103,5 +105,24 @@ mod tests {
         let sums = futures::future::join_all((0..100u64).map(|i| readers.run(move || i * 2))).await;
         let total: u64 = sums.into_iter().map(Result::unwrap).sum();
         assert_eq!(total, 9900);
+    }
+
+    /// A read stuck on the disk holds one reader; the others keep serving.
+    #[tokio::test]
+    async fn a_hung_read_does_not_hold_up_the_reads_behind_it() {
+        let readers = Readers::with_threads(2).unwrap();
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let stuck = readers.run(move || hung.recv().is_ok());
+        tokio::pin!(stuck);
+        // Polled once, the hung read is on a reader.
+        assert!(futures::poll!(&mut stuck).is_pending());
+        for i in 0..10u32 {
+            let read = tokio::time::timeout(Duration::from_secs(10), readers.run(move || i + 1));
+            let read = read.await.expect("a read queued behind the hung one");
+            assert_eq!(read.unwrap(), i + 1);
+        }
+        assert!(futures::poll!(&mut stuck).is_pending());
+        release.send(()).unwrap();
+        assert!(stuck.await.unwrap());
     }
 }

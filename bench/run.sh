@@ -411,6 +411,33 @@ move_rows move-out "h..m from shard 0 to 1" "GET on the source"
 move_rows move-back "h..m back from shard 1 to 0" "PUT on the target"
 stop "$move_pid"
 
+# --- Resharding between durable nodes, no foreground load ----------------
+# The same range out and back between two nodes on disk, timed from start
+# to done: the target's synced pages and the source's clean-up included.
+p0=$(free_port); p1=$(free_port)
+two_ranges m n >"$work/dmove-before.yaml"
+two_ranges g h >"$work/dmove-after.yaml"
+serve dmove "$NODE" all "$work/dmove-before.yaml" --data-dir "$work/dmove-data"
+dmove_pid=$last_pid
+wait_http "http://127.0.0.1:$p0/readyz"; wait_http "http://127.0.0.1:$p1/readyz"
+log "resharding between durable nodes: loading $MOVE_KEYS keys of 1,000 bytes into h..m"
+VALUE_BYTES=1000 load "http://127.0.0.1:$p0" put h "$MOVE_KEYS" 1
+dmove_bytes=$(node_bytes "$p0")
+dmoves=()
+for layout in after before; do
+  log "resharding between durable nodes: h..m $layout"
+  start=$(date +%s.%N)
+  "$CAVI" -e "http://127.0.0.1:$p0" reshard -f "$work/dmove-$layout.yaml" >/dev/null 2>"$work/reshard.log" || {
+    cat "$work/reshard.log" >&2
+    exit 1
+  }
+  end=$(date +%s.%N)
+  dmoves+=("$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')")
+done
+row "reshard between durable nodes" "" "" "" "$(awk -v b="$dmove_bytes" -v o="${dmoves[0]}" -v k="${dmoves[1]}" -v n="$(node_keys "$p0")" \
+  'BEGIN { printf "%d keys, %.0f MB out in %.2f s (%.0f MB/s), back in %.2f s (%.0f MB/s), clean-up included", n, b / 1e6, o, b / 1e6 / o, k, b / 1e6 / k }')"
+stop "$dmove_pid"
+
 # --- Durable: CAVI on disk vs etcd ---------------------------------------
 # The durable node and its peer, the same one-shard node in memory, take
 # PUTs in alternating rounds.

@@ -55,6 +55,8 @@ pub struct ShardStatus {
     pub health: Health,
     /// The shard's own key count; `None` when it did not say.
     pub keys: Option<u64>,
+    /// Whether the shard keeps its keys on disk; `None` when it did not say.
+    pub durable: Option<bool>,
 }
 
 /// The JSON form of one row.
@@ -69,6 +71,7 @@ struct ShardJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
     keys: Option<u64>,
+    durable: Option<bool>,
 }
 
 /// What `cavi cluster` shows: the map's epoch, every range with its shard
@@ -123,19 +126,20 @@ async fn probe(node: Client, shard: ShardConfig) -> (ShardStatus, Vec<MoveStatus
         Err(ClientError::Unreachable { reason, .. }) => Health::Unreachable(reason),
         Err(e) => Health::NotReady(e.to_string()),
     };
-    let (keys, moves) = match view {
+    let (keys, durable, moves) = match view {
         Ok(view) if view.shard_id != shard.id => {
             health = Health::WrongShard(view.shard_id);
-            (None, Vec::new())
+            (None, None, Vec::new())
         }
-        Ok(view) => (Some(view.keys), view.moves),
-        Err(_) => (None, Vec::new()),
+        Ok(view) => (Some(view.keys), Some(view.durable), view.moves),
+        Err(_) => (None, None, Vec::new()),
     };
     (
         ShardStatus {
             shard,
             health,
             keys,
+            durable,
         },
         moves,
     )
@@ -161,17 +165,23 @@ pub fn move_lines(report: &ClusterReport) -> Vec<String> {
         .collect()
 }
 
-/// The table: shard, range, address, health, keys (`-` when unknown),
-/// then the epoch and the moves under way.
+/// The table: shard, range, address, health, keys and storage (`-` when
+/// unknown), then the epoch and the moves under way.
 pub fn render_table(report: &ClusterReport) -> String {
-    let mut table = Table::new(["SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS"]);
+    let mut table = Table::new(["SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS", "STORAGE"]);
     for s in &report.shards {
+        let storage = match s.durable {
+            Some(true) => "disk",
+            Some(false) => "memory",
+            None => "-",
+        };
         table.push([
             s.shard.id.to_string(),
             range_label(&s.shard.range_start, s.shard.range_end.as_deref()),
             s.shard.addr.clone(),
             s.health.label().to_owned(),
             s.keys.map_or_else(|| "-".to_owned(), |k| k.to_string()),
+            storage.to_owned(),
         ]);
     }
     let mut out = table.render();
@@ -197,6 +207,7 @@ pub fn render_json(report: &ClusterReport) -> Result<String, ClientError> {
             health: s.health.label(),
             detail: s.health.detail(),
             keys: s.keys,
+            durable: s.durable,
         })
         .collect();
     let json = serde_json::json!({
@@ -246,6 +257,7 @@ mod tests {
             },
             health,
             keys,
+            durable: keys.map(|_| id == 0),
         }
     }
 
@@ -260,12 +272,26 @@ mod tests {
                 None,
             ),
         ];
-        let line = |a: &str, b: &str, c: &str, d: &str, e: &str| {
-            format!("{a:<5}  {b:<12}  {c:<16}  {d:<11}  {e}\n")
+        let line = |a: &str, b: &str, c: &str, d: &str, e: &str, f: &str| {
+            format!("{a:<5}  {b:<12}  {c:<16}  {d:<11}  {e:<4}  {f}\n")
         };
-        let expected = line("SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS")
-            + &line("0", "(lowest)..m*", "demo-0.demo:3100", "ready", "12")
-            + &line("1", "n..(highest)", "demo-1.demo:3100", "unreachable", "-")
+        let expected = line("SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS", "STORAGE")
+            + &line(
+                "0",
+                "(lowest)..m*",
+                "demo-0.demo:3100",
+                "ready",
+                "12",
+                "disk",
+            )
+            + &line(
+                "1",
+                "n..(highest)",
+                "demo-1.demo:3100",
+                "unreachable",
+                "-",
+                "-",
+            )
             + "map epoch 3\n"
             + "moving g..m* from shard 0 to shard 2 (epoch 4): copying, 10 keys (1 kB) copied\n";
         let report = ClusterReport {
@@ -297,7 +323,7 @@ mod tests {
     }
 
     #[test]
-    fn json_has_null_keys_for_a_silent_shard() {
+    fn json_has_null_keys_and_storage_for_a_silent_shard() {
         let report = ClusterReport {
             epoch: 9,
             shards: vec![status(1, None, Health::WrongShard(4), None)],
@@ -309,6 +335,7 @@ mod tests {
         let shard = &json["shards"][0];
         assert_eq!(shard["health"], "wrong shard");
         assert_eq!(shard["keys"], serde_json::Value::Null);
+        assert_eq!(shard["durable"], serde_json::Value::Null);
         assert_eq!(shard["range_end"], serde_json::Value::Null);
         assert_eq!(shard["range"], "n..(highest)");
         assert_eq!(shard["detail"], "this address serves shard 4");

@@ -287,9 +287,9 @@ async fn cluster_shows_ranges_health_and_key_counts() {
     assert_eq!(
         rows(&run.stdout),
         [
-            vec!["SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS"],
-            vec!["0", "a..m*", a0.as_str(), "ready", "2"],
-            vec!["1", "n..z*", a1.as_str(), "ready", "1"],
+            vec!["SHARD", "RANGE", "ADDRESS", "HEALTH", "KEYS", "STORAGE"],
+            vec!["0", "a..m*", a0.as_str(), "ready", "2", "memory"],
+            vec!["1", "n..z*", a1.as_str(), "ready", "1", "memory"],
             vec!["map epoch 0"],
         ]
     );
@@ -305,6 +305,7 @@ async fn cluster_shows_ranges_health_and_key_counts() {
     assert_eq!(shards[0]["range"], "a..m*");
     assert_eq!(shards[0]["health"], "ready");
     assert_eq!(shards[0]["keys"], 2);
+    assert_eq!(shards[0]["durable"], false);
     assert_eq!(shards[1]["addr"], a1.as_str());
     assert_eq!(shards[1]["range_end"], "z");
     assert_eq!(shards[1]["keys"], 1);
@@ -337,10 +338,13 @@ async fn cluster_shows_dead_and_hung_shards_as_unreachable() {
     assert_eq!(table[1][4], "0");
     let dead = &c.config.shards[1].addr;
     let hung = &c.config.shards[2].addr;
-    assert_eq!(table[2], ["1", "i..p*", dead.as_str(), "unreachable", "-"]);
+    assert_eq!(
+        table[2],
+        ["1", "i..p*", dead.as_str(), "unreachable", "-", "-"]
+    );
     assert_eq!(
         table[3],
-        ["2", "q..(highest)", hung.as_str(), "unreachable", "-"]
+        ["2", "q..(highest)", hung.as_str(), "unreachable", "-", "-"]
     );
     assert!(
         run.stderr
@@ -516,6 +520,10 @@ async fn load_into_a_durable_node_shares_its_commits() {
         assert_eq!(got.status, StatusCode::OK, "{got:?}");
         assert_eq!(got.body, Value::from(format!("value {i}")));
     }
+    // And `cavi cluster` says where it keeps them.
+    let run = cavi(&node.url(), &["cluster"]).await;
+    ok(&run);
+    assert_eq!(rows(&run.stdout)[1][4..], ["400", "disk"], "{run:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

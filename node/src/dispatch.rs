@@ -173,6 +173,8 @@ impl Node {
         let store = self.serving_store()?;
         match op {
             KvOp::Get => {
+                // Not `read_off_workers`: its closure owns the key, a copy
+                // a memory GET, which reads in place, does not need.
                 let body = match store.readers() {
                     None => read_json(store.as_ref(), key)?,
                     Some(readers) => {

@@ -12,9 +12,11 @@
 /// the handlers wait or their slice ends, and commits what they queued
 /// meanwhile (about 28 a commit, measured). Its share of the CPU stays
 /// what a normal thread's is, so writes are never starved. Where the
-/// writer has a core of its own, nothing changes. Where the policy cannot
-/// be set (another platform, a sandbox that forbids it), the writer runs
-/// as before and the node logs why at start.
+/// writer has a core of its own, nothing changes. The readers
+/// ([`super::Readers`]) gain the same way: they run when the handlers
+/// wait and take every read queued meanwhile. Where the policy cannot be
+/// set (another platform, a sandbox that forbids it), the thread runs as
+/// before and the node logs why at start.
 #[cfg(target_os = "linux")]
 pub(crate) fn schedule_as_batch() -> Result<(), String> {
     use thread_priority::{

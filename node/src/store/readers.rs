@@ -64,7 +64,10 @@ impl Readers {
         Ok(Self { jobs })
     }
 
-    /// Runs `read` on a reader thread and waits for what it returns.
+    /// Runs `read` on a reader thread and waits for what it returns. A
+    /// read whose caller stopped waiting before a reader took it (its
+    /// request timed out behind reads stuck on the disk, or its client
+    /// left) is dropped unread.
     pub async fn run<T: Send + 'static>(
         &self,
         read: impl FnOnce() -> T + Send + 'static,
@@ -72,7 +75,9 @@ impl Readers {
         let (done, answer) = oneshot::channel();
         self.jobs
             .send(Box::new(move || {
-                let _ = done.send(read());
+                if !done.is_closed() {
+                    let _ = done.send(read());
+                }
             }))
             .map_err(|_| StoreError::Unavailable("the storage readers have stopped".into()))?;
         answer
@@ -124,5 +129,39 @@ mod tests {
         assert!(futures::poll!(&mut stuck).is_pending());
         release.send(()).unwrap();
         assert!(stuck.await.unwrap());
+    }
+
+    /// A read queued behind a hung one, whose caller gave up, never runs
+    /// once the reader frees up: the disk is spared work nobody awaits.
+    #[tokio::test]
+    async fn a_read_nobody_waits_for_any_more_is_skipped() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let readers = Readers::with_threads(1).unwrap();
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let stuck = readers.run(move || hung.recv().is_ok());
+        tokio::pin!(stuck);
+        assert!(futures::poll!(&mut stuck).is_pending());
+        let ran = Arc::new(AtomicUsize::new(0));
+        let count = |ran: &Arc<AtomicUsize>| {
+            let ran = ran.clone();
+            move || ran.fetch_add(1, Ordering::SeqCst)
+        };
+        // Queued behind the hung read, then abandoned (a timed-out request).
+        let abandoned = tokio::time::timeout(Duration::from_millis(1), readers.run(count(&ran)));
+        assert!(abandoned.await.is_err(), "the read cannot run yet");
+        // Queued behind both and awaited: it runs, after the abandoned one
+        // was taken off the queue (one reader, first in first out).
+        let awaited = readers.run(count(&ran));
+        tokio::pin!(awaited);
+        assert!(futures::poll!(&mut awaited).is_pending());
+        release.send(()).unwrap();
+        assert!(stuck.await.unwrap());
+        assert_eq!(awaited.await.unwrap(), 0, "the awaited read ran first");
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            1,
+            "the abandoned read never ran"
+        );
     }
 }

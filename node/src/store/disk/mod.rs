@@ -504,16 +504,16 @@ mod tests {
             assert_eq!(policy, SCHED_BATCH, "the writer's scheduling policy");
             assert_eq!(writer_nice, nice, "the writer's nice value");
         }
-        // A read runs on a reader; each reader sets its policy as it
-        // starts, so wait (bounded) for every one of them to have started.
+        // A read runs on a reader; each reader names itself and sets its
+        // policy as it starts, so wait (bounded) for every one of them to
+        // have started.
         let readers = store.readers().expect("a disk store has readers");
         let read = readers.run(|| std::thread::current().name().map(str::to_owned));
         assert_eq!(read.await.expect("read").as_deref(), Some("cavi-reader"));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let found = scheduling_of("cavi-reader");
-            assert!(found.len() >= 2, "{} reader threads", found.len());
-            if found.iter().all(|&(policy, _)| policy == SCHED_BATCH) {
+            if found.len() >= 2 && found.iter().all(|&(policy, _)| policy == SCHED_BATCH) {
                 assert!(found.iter().all(|&(_, n)| n == nice), "{found:?}");
                 break;
             }

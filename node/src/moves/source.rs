@@ -675,7 +675,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::keyspace::KeyRange;
-    use crate::store::{DiskOptions, DiskStore, MemoryStore};
+    use crate::store::{DiskOptions, DiskStore, MemoryStore, Readers, StoreError, Tap, WriteAck};
 
     /// Every key of the span goes, page after page, and only those: on a
     /// durable store (listed and deleted a page at a time) and in memory
@@ -705,5 +705,83 @@ mod tests {
             assert_eq!(store.len(), 202, "exact counts");
             assert_eq!(store.count(&span).unwrap(), 0);
         }
+    }
+
+    /// A store that, once, writes the span's first key again right after
+    /// a page of deletes: a key behind the clean-up's cursor.
+    struct WritesBehindTheCursor {
+        inner: Arc<dyn Store>,
+        done: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for WritesBehindTheCursor {
+        fn read(&self, key: &str, found: &mut dyn FnMut(&str)) -> Result<bool, StoreError> {
+            self.inner.read(key, found)
+        }
+        fn put(&self, key: &str, value: &str) -> WriteAck {
+            self.inner.put(key, value)
+        }
+        fn delete(&self, key: &str) -> WriteAck {
+            self.inner.delete(key)
+        }
+        fn write(&self, ops: Vec<WriteOp>) -> WriteAck {
+            let deletes = ops.iter().all(|op| matches!(op, WriteOp::Delete(_)));
+            let once = deletes && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst);
+            let inner = self.inner.clone();
+            Box::pin(async move {
+                inner.write(ops).await?;
+                if once {
+                    inner.put("k00100", "behind").await?;
+                }
+                Ok(())
+            })
+        }
+        fn set_tap(&self, tap: Option<Arc<dyn Tap>>) -> WriteAck {
+            self.inner.set_tap(tap)
+        }
+        fn scan(&self, request: &ScanRequest<'_>) -> Result<Page, StoreError> {
+            self.inner.scan(request)
+        }
+        fn keys(&self, span: &Span, limit: usize) -> Result<Vec<String>, StoreError> {
+            self.inner.keys(span, limit)
+        }
+        fn count(&self, span: &Span) -> Result<u64, StoreError> {
+            self.inner.count(span)
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn bytes(&self) -> u64 {
+            self.inner.bytes()
+        }
+        fn readers(&self) -> Option<&Readers> {
+            self.inner.readers()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_written_behind_the_clean_up_is_deleted_by_its_last_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> =
+            Arc::new(DiskStore::open(&DiskOptions::new(dir.path())).unwrap());
+        let ops = (0..1300)
+            .map(|i| WriteOp::Put(format!("k{i:05}"), "value".into()))
+            .collect();
+        inner.write(ops).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(WritesBehindTheCursor {
+            inner: inner.clone(),
+            done: Default::default(),
+        });
+        let span = Span::from(&KeyRange::new("k00100", Some("k01199")));
+        delete_span(&store, &span).await.unwrap();
+        assert!(
+            store
+                .as_ref()
+                .read("k00100", &mut |_| ())
+                .is_ok_and(|found| !found),
+            "the key written behind the cursor is gone"
+        );
+        assert_eq!(inner.count(&span).unwrap(), 0);
+        assert_eq!(inner.len(), 200);
     }
 }

@@ -43,19 +43,14 @@ impl Lanes {
     /// The pool for `addr`. An owner is asked once what it is; one that
     /// did not answer (not ready yet, restarting, unreachable) gets
     /// pipelines, which its PUTs fail over from to the router either way,
-    /// and is asked again a second after it failed to answer. An older node, which answers
-    /// without saying, is a memory owner.
+    /// and is asked again a second after it failed to answer. An older
+    /// node, which answers without saying, is a memory owner.
     async fn to(&self, router: &Router, addr: &str) -> &Pipes {
+        let due_again = |probe: &Probe| matches!(probe.get(), Some(Err(failed)) if failed.elapsed() >= self.retry_after);
         let answer = {
             let mut owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
             match owners.get(addr) {
-                Some(probe)
-                    if !probe
-                        .get()
-                        .is_some_and(|a| a.is_err_and(|t| t.elapsed() >= self.retry_after)) =>
-                {
-                    probe.clone()
-                }
+                Some(probe) if !due_again(probe) => probe.clone(),
                 _ => {
                     let probe = Probe::default();
                     owners.insert(addr.to_owned(), probe.clone());

@@ -469,6 +469,7 @@ async fn cluster(State(node): State<AppState>) -> Result<Json<ClusterView>, ApiE
         epoch: map.epoch,
         keys: store.len(),
         bytes: store.bytes(),
+        // Only a store that persists (the disk store) keeps node state.
         durable: store.state().is_some(),
         shards: map.shards.clone(),
         moves: node.moves(),

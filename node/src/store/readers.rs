@@ -112,15 +112,22 @@ mod tests {
         assert_eq!(total, 9900);
     }
 
+    type Stuck<'a> = std::pin::Pin<Box<dyn Future<Output = Result<bool, StoreError>> + 'a>>;
+
+    /// A read stuck on the disk until `release` is sent: polled once, so
+    /// it is queued before any read the test queues next.
+    async fn hang(readers: &Readers) -> (std::sync::mpsc::Sender<()>, Stuck<'_>) {
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let mut stuck: Stuck<'_> = Box::pin(readers.run(move || hung.recv().is_ok()));
+        assert!(futures::poll!(&mut stuck).is_pending());
+        (release, stuck)
+    }
+
     /// A read stuck on the disk holds one reader; the others keep serving.
     #[tokio::test]
     async fn a_hung_read_does_not_hold_up_the_reads_behind_it() {
         let readers = Readers::with_threads(2).unwrap();
-        let (release, hung) = std::sync::mpsc::channel::<()>();
-        let stuck = readers.run(move || hung.recv().is_ok());
-        tokio::pin!(stuck);
-        // Polled once, the hung read is on a reader.
-        assert!(futures::poll!(&mut stuck).is_pending());
+        let (release, mut stuck) = hang(&readers).await;
         for i in 0..10u32 {
             let read = tokio::time::timeout(Duration::from_secs(10), readers.run(move || i + 1));
             let read = read.await.expect("a read queued behind the hung one");
@@ -138,10 +145,7 @@ mod tests {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let readers = Readers::with_threads(1).unwrap();
-        let (release, hung) = std::sync::mpsc::channel::<()>();
-        let stuck = readers.run(move || hung.recv().is_ok());
-        tokio::pin!(stuck);
-        assert!(futures::poll!(&mut stuck).is_pending());
+        let (release, stuck) = hang(&readers).await;
         let ran = Arc::new(AtomicUsize::new(0));
         let count = |ran: &Arc<AtomicUsize>| {
             let ran = ran.clone();

@@ -37,11 +37,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_ready(port, path, proc, timeout=120, method="GET"):
+def wait_ready(port, path, proc, timeout=120, method="GET", log=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"server exited with {proc.returncode} before answering on port {port}")
+            said = ""
+            if log:
+                with open(log, errors="replace") as f:
+                    # The server's own lines, not valgrind's (`==pid==`).
+                    lines = [l for l in f.read().splitlines() if l.strip() and not l.startswith("==")]
+                said = ": " + " | ".join(lines[-5:])
+            sys.exit(f"server exited with {proc.returncode} before answering on port {port}{said}")
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             c.request(method, path)
@@ -75,15 +81,18 @@ def count(work, name, cmd, ports, entry, request, n, warm, setup=None, ready="/r
     out = os.path.join(work, "callgrind." + name.replace(" ", "_"))
     for f in glob.glob(out + "*"):
         os.remove(f)
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "RUST_LOG": "warn"},
-    )
+    # What the server says goes to a file, so that a failed start says why.
+    log = out + ".log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "RUST_LOG": "warn"},
+        )
     try:
         for port in ports:
-            wait_ready(port, ready, proc, method=ready_method)
+            wait_ready(port, ready, proc, method=ready_method, log=log)
         if setup:
             setup()
         s = Session(entry)

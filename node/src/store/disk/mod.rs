@@ -19,7 +19,8 @@
 //! is read back by the reopen.
 //!
 //! Key and byte counts are exact: the writer knows each key's previous
-//! size, and the counts are committed in the same batch as the writes.
+//! size (from what it wrote last, else from the engine), and the counts
+//! are committed in the same batch as the writes.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,7 @@ use super::{
 use crate::keyspace::Span;
 
 mod engine;
+mod sizes;
 mod writer;
 
 use engine::{Engine, io_error, load_counts, open_engine};
@@ -58,6 +60,10 @@ pub struct DiskOptions {
     pub faults: Arc<Faults>,
     /// Told of each commit (the node's metrics).
     pub commits: Option<Arc<dyn CommitObserver>>,
+    /// Bytes of one generation of the sizes the writer remembers of the
+    /// keys it wrote last (two generations are kept): an overwrite of one
+    /// of them needs no search of the engine for the exact counts.
+    pub recent_sizes_bytes: usize,
 }
 
 impl std::fmt::Debug for DiskOptions {
@@ -79,6 +85,8 @@ impl DiskOptions {
             queue_timeout: Duration::from_secs(5),
             faults: Arc::default(),
             commits: None,
+            // About 65,000 keys of 16 bytes a generation; 8 MiB in all.
+            recent_sizes_bytes: 4 << 20,
         }
     }
 }
@@ -187,13 +195,7 @@ impl DiskStore {
             faults: options.faults.clone(),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = writer::spawn(
-            shared.clone(),
-            options.max_batch.max(1),
-            counts,
-            options.commits.clone(),
-            rx,
-        )?;
+        let writer = writer::spawn(shared.clone(), options, counts, rx)?;
         Ok(Self {
             shared,
             readers: Readers::start()?,
@@ -551,11 +553,14 @@ mod tests {
         assert_eq!(s.keys(&span, 2).expect("keys"), ["fb", "fc"]);
     }
 
-    #[tokio::test]
-    async fn counts_are_exact_after_overwrites_deletes_and_reopening() {
+    /// The counts test, with the writer remembering `recent_sizes_bytes`
+    /// of recent sizes: none (every size from the engine), or the default.
+    async fn counts_are_exact_after_overwrites_deletes_and_reopening(recent_sizes_bytes: usize) {
         let dir = tempfile::tempdir().expect("tempdir");
+        let mut options = DiskOptions::new(dir.path());
+        options.recent_sizes_bytes = recent_sizes_bytes;
         {
-            let s = open(dir.path());
+            let s = DiskStore::open(&options).expect("open");
             for i in 0..150 {
                 s.put(&format!("k{i:03}"), "vv").await.expect("put");
             }
@@ -574,8 +579,45 @@ mod tests {
             .expect("batch");
             assert_eq!((s.len(), s.bytes()), (1, 3));
         }
-        let s = open(dir.path());
+        let s = DiskStore::open(&options).expect("open");
         assert_eq!((s.len(), s.bytes()), (1, 3));
+        s.put("x", "4444").await.expect("overwrite after reopening");
+        assert_eq!((s.len(), s.bytes()), (1, 5));
+    }
+
+    #[tokio::test]
+    async fn counts_are_exact_with_every_size_read_from_the_engine() {
+        counts_are_exact_after_overwrites_deletes_and_reopening(0).await;
+    }
+
+    #[tokio::test]
+    async fn counts_are_exact_with_the_sizes_written_last_remembered() {
+        let default = DiskOptions::new("unused").recent_sizes_bytes;
+        counts_are_exact_after_overwrites_deletes_and_reopening(default).await;
+    }
+
+    #[tokio::test]
+    async fn counts_are_exact_after_a_failed_commit_of_an_overwrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut options = DiskOptions::new(dir.path());
+        let faults = Arc::new(Faults::default());
+        options.faults = faults.clone();
+        let s = DiskStore::open(&options).expect("open");
+        s.put("k", "1").await.expect("put");
+        // The writer takes in the overwrite's size, then its commit fails.
+        faults.failing_commits.store(1, Ordering::Relaxed);
+        s.put("k", "a much longer value")
+            .await
+            .expect_err("the disk is full");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.fault().is_some() {
+            assert!(std::time::Instant::now() < deadline, "never recovered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The previous size is the one on disk, not the failed write's.
+        s.put("k", "22").await.expect("put after recovery");
+        assert_eq!((s.len(), s.bytes()), (1, 3));
+        assert_eq!(get(&s, "k").as_deref(), Some("22"));
     }
 
     #[tokio::test]

@@ -2,7 +2,6 @@
 //! one synced fjall batch with the counts, answers every one of them, and
 //! after a failed commit reopens the database until a probe write works.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, mpsc};
 use std::thread::JoinHandle;
@@ -11,8 +10,9 @@ use std::time::{Duration, Instant};
 use fjall::PersistMode;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use super::Shared;
 use super::engine::{COUNTS, Counts, Engine, PROBE, io_error, load_counts, open_engine};
+use super::sizes::RecentSizes;
+use super::{DiskOptions, Shared};
 use crate::store::sched::schedule_as_batch;
 use crate::store::{CommitObserver, StoreError, Tap, WriteOp};
 
@@ -38,18 +38,25 @@ pub(super) enum Msg {
 /// Starts the writer thread on `queue`.
 pub(super) fn spawn(
     shared: Arc<Shared>,
-    max_batch: usize,
+    options: &DiskOptions,
     counts: Counts,
-    commits: Option<Arc<dyn CommitObserver>>,
     queue: mpsc::Receiver<Msg>,
 ) -> Result<JoinHandle<()>, StoreError> {
+    let writer = Writer {
+        shared,
+        max_batch: options.max_batch.max(1),
+        counts,
+        tap: None,
+        commits: options.commits.clone(),
+        recent: RecentSizes::new(options.recent_sizes_bytes),
+    };
     std::thread::Builder::new()
         .name("cavi-writer".into())
         .spawn(move || {
             if let Err(e) = schedule_as_batch() {
                 tracing::info!("the storage writer keeps the default scheduling: {e}");
             }
-            Writer::new(shared, max_batch, counts, commits).run(&queue)
+            writer.run(&queue)
         })
         .map_err(|e| StoreError::Unavailable(format!("cannot start the storage writer: {e}")))
 }
@@ -62,24 +69,11 @@ struct Writer {
     tap: Option<Arc<dyn Tap>>,
     /// Told of each commit.
     commits: Option<Arc<dyn CommitObserver>>,
+    /// Sizes the writer wrote last, for the exact counts.
+    recent: RecentSizes,
 }
 
 impl Writer {
-    fn new(
-        shared: Arc<Shared>,
-        max_batch: usize,
-        counts: Counts,
-        commits: Option<Arc<dyn CommitObserver>>,
-    ) -> Self {
-        Self {
-            shared,
-            max_batch,
-            counts,
-            tap: None,
-            commits,
-        }
-    }
-
     fn run(mut self, queue: &mpsc::Receiver<Msg>) {
         let mut next = queue.recv().ok();
         while let Some(first) = next.take() {
@@ -143,19 +137,19 @@ impl Writer {
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
-        shared.faults.fail_one("write not persisted in", dir)?;
         let engine = shared.engine()?;
         if batch.is_empty() {
             return Ok(());
         }
         // Exact counts: each key's size before this batch, then after.
-        let mut sizes: HashMap<&str, Option<u64>> = HashMap::new();
+        // What the batch records in `recent` before its commit is
+        // forgotten if the commit fails (see `recover`).
         let mut counts = self.counts;
         let mut fjall_batch = engine.db.batch().durability(Some(PersistMode::SyncData));
         for op in batch {
             let key = op.key();
-            let before = match sizes.get(key) {
-                Some(size) => *size,
+            let before = match self.recent.get(key) {
+                Some(size) => size,
                 None => engine
                     .data
                     .size_of(key)
@@ -180,11 +174,14 @@ impl Writer {
                 counts.keys += 1;
                 counts.bytes += a;
             }
-            sizes.insert(key, after);
+            self.recent.record(key, after);
         }
         let record = serde_json::to_vec(&counts).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         fjall_batch.insert(&engine.meta, COUNTS, record);
         let started = Instant::now();
+        // An injected failure strikes where a full disk would: after the
+        // batch is built, at its journal write.
+        shared.faults.fail_one("write not persisted in", dir)?;
         fjall_batch
             .commit()
             .map_err(|e| io_error("write not persisted in", dir, &e))?;
@@ -202,6 +199,8 @@ impl Writer {
     /// `submit` already refuses new writes while faulted), drop the
     /// database, reopen it with backoff and probe it with a synced write.
     fn recover(&mut self) {
+        // The failed batch recorded sizes it may not have written.
+        self.recent.clear();
         let shared = self.shared.clone();
         let mut wait = Duration::from_millis(100);
         loop {

@@ -569,10 +569,15 @@ mod tests {
             for i in 0..150 {
                 s.delete(&format!("k{i:03}")).await.expect("delete");
             }
-            // Several writes of one key in one batch count once.
+            // Several writes of one key in one batch count once, however
+            // many keys lie between them.
             s.write(vec![
                 WriteOp::Put("x".into(), "1".into()),
+                WriteOp::Put("y".into(), "1".into()),
+                WriteOp::Put("z".into(), "1".into()),
                 WriteOp::Put("x".into(), "22".into()),
+                WriteOp::Delete("y".into()),
+                WriteOp::Delete("z".into()),
                 WriteOp::Delete("gone".into()),
             ])
             .await

@@ -8,7 +8,7 @@
 //! Two generations bounded in bytes: once the newer fills, it becomes the
 //! older and the older is dropped, so a key rewritten within about one
 //! generation's worth of distinct keys stays known without any per-key
-//! bookkeeping of recency.
+//! bookkeeping of recency. The generations turn only between batches.
 
 use std::collections::HashMap;
 
@@ -35,25 +35,36 @@ impl RecentSizes {
         }
     }
 
-    /// The key's size (key and value bytes; `None`: absent) as last
-    /// written, if it was written recently.
-    pub(super) fn get(&self, key: &str) -> Option<Option<u64>> {
-        self.newer.get(key).or_else(|| self.older.get(key)).copied()
+    /// Records the size a write leaves (`None` after a delete) and returns
+    /// the key's size before it: as last recorded, else from `engine`.
+    /// A key rewritten within the newer generation costs one lookup.
+    pub(super) fn replace<E>(
+        &mut self,
+        key: &str,
+        size: Option<u64>,
+        engine: impl FnOnce() -> Result<Option<u64>, E>,
+    ) -> Result<Option<u64>, E> {
+        if let Some(slot) = self.newer.get_mut(key) {
+            return Ok(std::mem::replace(slot, size));
+        }
+        let before = match self.older.get(key) {
+            Some(known) => *known,
+            None => engine()?,
+        };
+        self.newer.insert(key.into(), size);
+        self.newer_bytes += key.len() + ENTRY_OVERHEAD;
+        Ok(before)
     }
 
-    /// Records what a write leaves: `size` is `None` after a delete.
-    pub(super) fn record(&mut self, key: &str, size: Option<u64>) {
-        if let Some(slot) = self.newer.get_mut(key) {
-            *slot = size;
-            return;
-        }
-        let cost = key.len() + ENTRY_OVERHEAD;
-        if self.newer_bytes + cost > self.generation_bytes {
+    /// Called before each batch: a full newer generation becomes the older
+    /// one. Never within a batch, so every key a batch wrote is known to
+    /// its later writes of the same key (the newer generation can outgrow
+    /// its budget by one batch's keys).
+    pub(super) fn make_room(&mut self) {
+        if self.newer_bytes >= self.generation_bytes {
             self.older = std::mem::take(&mut self.newer);
             self.newer_bytes = 0;
         }
-        self.newer.insert(key.into(), size);
-        self.newer_bytes += cost;
     }
 
     /// Forgets everything: after a failed commit the engine is reopened
@@ -69,49 +80,78 @@ impl RecentSizes {
 mod tests {
     use super::*;
 
+    /// Records `size` for `key`; the size before it, or `None` if it had
+    /// to be asked of the engine.
+    fn replace(recent: &mut RecentSizes, key: &str, size: Option<u64>) -> Option<Option<u64>> {
+        let mut asked = false;
+        let before = recent
+            .replace(key, size, || {
+                asked = true;
+                Ok::<_, ()>(Some(1000))
+            })
+            .expect("the engine answers");
+        (!asked).then_some(before)
+    }
+
     #[test]
     fn a_recorded_size_is_known_until_two_generations_have_filled_after_it() {
         // Room for two keys of one byte a generation.
         let mut recent = RecentSizes::new(2 * (1 + ENTRY_OVERHEAD));
-        assert_eq!(recent.get("a"), None, "never written: unknown");
-        recent.record("a", Some(5));
-        recent.record("b", None);
-        assert_eq!(recent.get("a"), Some(Some(5)));
-        assert_eq!(recent.get("b"), Some(None), "deleted: known absent");
-        // A rewrite takes no room; its new size wins.
-        recent.record("a", Some(7));
-        assert_eq!(recent.get("a"), Some(Some(7)));
-        // The third key starts a generation; the first two are older.
-        recent.record("c", Some(1));
-        assert_eq!(recent.get("a"), Some(Some(7)));
-        recent.record("d", Some(1));
-        // Rewritten while older: the newer generation's size wins.
-        recent.record("a", Some(9));
-        assert_eq!(recent.get("a"), Some(Some(9)));
-        // The next generation drops the one that held `b` (and the
-        // stale `a`), and keeps `a`'s latest size.
-        recent.record("e", Some(1));
-        assert_eq!(recent.get("b"), None);
-        assert_eq!(recent.get("a"), Some(Some(9)));
-        assert_eq!(recent.get("e"), Some(Some(1)));
+        assert_eq!(replace(&mut recent, "a", Some(5)), None, "never written: asked");
+        assert_eq!(replace(&mut recent, "b", None), None);
+        // A rewrite takes no room: the size before it is the one recorded.
+        assert_eq!(replace(&mut recent, "a", Some(7)), Some(Some(5)));
+        assert_eq!(replace(&mut recent, "b", None), Some(None), "deleted: known absent");
+        // The generation is full: the next batch starts another.
+        recent.make_room();
+        assert_eq!(replace(&mut recent, "c", Some(1)), None);
+        assert_eq!(replace(&mut recent, "a", Some(9)), Some(Some(7)));
+        // The newer generation holds `c` and `a`; the next batch drops the
+        // one that held `b` (and the stale `a`).
+        recent.make_room();
+        assert_eq!(replace(&mut recent, "b", None), None, "forgotten: asked");
+        assert_eq!(replace(&mut recent, "a", Some(3)), Some(Some(9)));
+    }
+
+    #[test]
+    fn within_a_batch_every_key_stays_known_whatever_the_budget() {
+        let mut recent = RecentSizes::new(0);
+        recent.make_room();
+        for key in ["x", "y", "z"] {
+            assert_eq!(replace(&mut recent, key, Some(2)), None);
+        }
+        assert_eq!(replace(&mut recent, "x", Some(3)), Some(Some(2)));
+        recent.make_room();
+        recent.make_room();
+        assert_eq!(replace(&mut recent, "x", Some(3)), None, "two batches later");
+    }
+
+    #[test]
+    fn a_failed_engine_lookup_records_nothing() {
+        let mut recent = RecentSizes::new(1 << 10);
+        let failed = recent.replace("a", Some(5), || Err("disk"));
+        assert_eq!(failed, Err("disk"));
+        assert_eq!(replace(&mut recent, "a", Some(5)), None, "still unknown");
     }
 
     #[test]
     fn clearing_forgets_every_size() {
         let mut recent = RecentSizes::new(1 << 10);
-        recent.record("a", Some(5));
-        recent.record("b", None);
+        replace(&mut recent, "a", Some(5));
+        replace(&mut recent, "b", None);
         recent.clear();
-        assert_eq!((recent.get("a"), recent.get("b")), (None, None));
+        assert_eq!(replace(&mut recent, "a", Some(5)), None);
+        assert_eq!(replace(&mut recent, "b", None), None);
     }
 
     #[test]
     fn a_generation_holds_about_its_budget_in_keys() {
         let mut recent = RecentSizes::new(100 * (16 + ENTRY_OVERHEAD));
         for i in 0..1000 {
-            recent.record(&format!("key-{i:012}"), Some(1));
+            recent.make_room();
+            replace(&mut recent, &format!("key-{i:012}"), Some(1));
         }
         assert!(recent.newer.len() <= 100, "{}", recent.newer.len());
-        assert!(recent.older.len() == 100, "{}", recent.older.len());
+        assert_eq!(recent.older.len(), 100);
     }
 }

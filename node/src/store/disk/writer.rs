@@ -145,17 +145,10 @@ impl Writer {
         // What the batch records in `recent` before its commit is
         // forgotten if the commit fails (see `recover`).
         let mut counts = self.counts;
+        self.recent.make_room();
         let mut fjall_batch = engine.db.batch().durability(Some(PersistMode::SyncData));
         for op in batch {
             let key = op.key();
-            let before = match self.recent.get(key) {
-                Some(size) => size,
-                None => engine
-                    .data
-                    .size_of(key)
-                    .map_err(|e| io_error("cannot read", dir, &e))?
-                    .map(|v| u64::from(v) + key.len() as u64),
-            };
             let after = match op {
                 WriteOp::Put(k, v) => {
                     fjall_batch.insert(&engine.data, k.as_str(), v.as_str());
@@ -166,6 +159,13 @@ impl Writer {
                     None
                 }
             };
+            let before = self.recent.replace(key, after, || {
+                Ok(engine
+                    .data
+                    .size_of(key)
+                    .map_err(|e| io_error("cannot read", dir, &e))?
+                    .map(|v| u64::from(v) + key.len() as u64))
+            })?;
             if let Some(b) = before {
                 counts.keys -= 1;
                 counts.bytes -= b;
@@ -174,7 +174,6 @@ impl Writer {
                 counts.keys += 1;
                 counts.bytes += a;
             }
-            self.recent.record(key, after);
         }
         let record = serde_json::to_vec(&counts).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         fjall_batch.insert(&engine.meta, COUNTS, record);

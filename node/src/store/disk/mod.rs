@@ -85,7 +85,7 @@ impl DiskOptions {
             queue_timeout: Duration::from_secs(5),
             faults: Arc::default(),
             commits: None,
-            // About 65,000 keys of 16 bytes a generation; 8 MiB in all.
+            // About 43,000 keys of 16 bytes a generation; 8 MiB in all.
             recent_sizes_bytes: 4 << 20,
         }
     }

@@ -12,10 +12,15 @@
 
 use std::collections::HashMap;
 
-/// What one entry costs besides its key's bytes: the map's slot (the
-/// boxed key's pointer and length, the size), its control byte and the
+/// What one entry costs besides its key's bytes, at most: its slot in
+/// the map (the boxed key's pointer and length, the size: 32 bytes) and
+/// control byte, twice over for a table that has just doubled, and the
 /// allocator's rounding of the key.
-const ENTRY_OVERHEAD: usize = 48;
+const ENTRY_OVERHEAD: usize = 80;
+
+/// The bytes of one slot of the map and its control byte.
+#[cfg(test)]
+const SLOT_BYTES: usize = std::mem::size_of::<(Box<str>, Option<u64>)>() + 1;
 
 pub(super) struct RecentSizes {
     newer: HashMap<Box<str>, Option<u64>>,
@@ -97,11 +102,19 @@ mod tests {
     fn a_recorded_size_is_known_until_two_generations_have_filled_after_it() {
         // Room for two keys of one byte a generation.
         let mut recent = RecentSizes::new(2 * (1 + ENTRY_OVERHEAD));
-        assert_eq!(replace(&mut recent, "a", Some(5)), None, "never written: asked");
+        assert_eq!(
+            replace(&mut recent, "a", Some(5)),
+            None,
+            "never written: asked"
+        );
         assert_eq!(replace(&mut recent, "b", None), None);
         // A rewrite takes no room: the size before it is the one recorded.
         assert_eq!(replace(&mut recent, "a", Some(7)), Some(Some(5)));
-        assert_eq!(replace(&mut recent, "b", None), Some(None), "deleted: known absent");
+        assert_eq!(
+            replace(&mut recent, "b", None),
+            Some(None),
+            "deleted: known absent"
+        );
         // The generation is full: the next batch starts another.
         recent.make_room();
         assert_eq!(replace(&mut recent, "c", Some(1)), None);
@@ -123,7 +136,11 @@ mod tests {
         assert_eq!(replace(&mut recent, "x", Some(3)), Some(Some(2)));
         recent.make_room();
         recent.make_room();
-        assert_eq!(replace(&mut recent, "x", Some(3)), None, "two batches later");
+        assert_eq!(
+            replace(&mut recent, "x", Some(3)),
+            None,
+            "two batches later"
+        );
     }
 
     #[test]
@@ -153,5 +170,23 @@ mod tests {
         }
         assert!(recent.newer.len() <= 100, "{}", recent.newer.len());
         assert_eq!(recent.older.len(), 100);
+    }
+
+    #[test]
+    fn a_generation_stays_within_its_budget_in_memory() {
+        // The map's buckets (a power of two, at most 7/8 full) and the
+        // keys' bytes, however many keys of 16 bytes have filled it.
+        let budget = 4 << 20;
+        let mut recent = RecentSizes::new(budget);
+        let mut most = 0;
+        for i in 0..300_000 {
+            recent.make_room();
+            replace(&mut recent, &format!("key-{i:012}"), Some(1));
+            let buckets = (recent.newer.capacity() * 8 / 7).next_power_of_two();
+            most = most.max(buckets * SLOT_BYTES + recent.newer.len() * 16);
+        }
+        assert!(most <= budget, "{most} bytes");
+        // And it is not far below it: most of the budget holds keys.
+        assert!(recent.older.len() > 40_000, "{}", recent.older.len());
     }
 }

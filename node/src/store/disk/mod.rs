@@ -434,6 +434,23 @@ mod tests {
         DiskStore::open(&DiskOptions::new(dir)).expect("open")
     }
 
+    /// A store whose commits can be made to fail.
+    fn open_with_faults(dir: &Path) -> (DiskStore, Arc<Faults>) {
+        let mut options = DiskOptions::new(dir);
+        let faults = Arc::new(Faults::default());
+        options.faults = faults.clone();
+        (DiskStore::open(&options).expect("open"), faults)
+    }
+
+    /// Waits (bounded) for the writer to clear its fault.
+    async fn wait_until_recovered(s: &DiskStore) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.fault().is_some() {
+            assert!(std::time::Instant::now() < deadline, "never recovered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn get(s: &DiskStore, k: &str) -> Option<String> {
         let mut out = None;
         s.read(k, &mut |v| out = Some(v.to_owned())).expect("read");
@@ -597,28 +614,21 @@ mod tests {
 
     #[tokio::test]
     async fn counts_are_exact_with_the_sizes_written_last_remembered() {
-        let default = DiskOptions::new("unused").recent_sizes_bytes;
+        let default = DiskOptions::new(".").recent_sizes_bytes;
         counts_are_exact_after_overwrites_deletes_and_reopening(default).await;
     }
 
     #[tokio::test]
     async fn counts_are_exact_after_a_failed_commit_of_an_overwrite() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut options = DiskOptions::new(dir.path());
-        let faults = Arc::new(Faults::default());
-        options.faults = faults.clone();
-        let s = DiskStore::open(&options).expect("open");
+        let (s, faults) = open_with_faults(dir.path());
         s.put("k", "1").await.expect("put");
         // The writer takes in the overwrite's size, then its commit fails.
         faults.failing_commits.store(1, Ordering::Relaxed);
         s.put("k", "a much longer value")
             .await
             .expect_err("the disk is full");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while s.fault().is_some() {
-            assert!(std::time::Instant::now() < deadline, "never recovered");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_recovered(&s).await;
         // The previous size is the one on disk, not the failed write's.
         s.put("k", "22").await.expect("put after recovery");
         assert_eq!((s.len(), s.bytes()), (1, 3));
@@ -685,21 +695,14 @@ mod tests {
     #[tokio::test]
     async fn a_failed_commit_is_reported_then_recovered_without_losing_acknowledged_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut options = DiskOptions::new(dir.path());
-        let faults = Arc::new(Faults::default());
-        options.faults = faults.clone();
-        let s = DiskStore::open(&options).expect("open");
+        let (s, faults) = open_with_faults(dir.path());
         s.put("before", "1").await.expect("put");
         // The failing commit, then the first recovery probe, fail.
         faults.failing_commits.store(2, Ordering::Relaxed);
         let e = s.put("during", "2").await.expect_err("the disk is full");
         assert!(matches!(e, StoreError::Full(_)), "{e:?}");
         // Recovery retries until the probe works; then writes work again.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while s.fault().is_some() {
-            assert!(std::time::Instant::now() < deadline, "never recovered");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_recovered(&s).await;
         s.put("after", "3").await.expect("put after recovery");
         assert_eq!(get(&s, "before").as_deref(), Some("1"));
         assert_eq!(get(&s, "during"), None);

@@ -19,9 +19,12 @@ use super::sched::schedule_as_batch;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Reader threads: they stop once this is dropped and their queue is empty.
+/// Reader threads: they stop once this (and every clone) is dropped and
+/// their queue is empty.
+#[derive(Clone)]
 pub struct Readers {
     jobs: flume::Sender<Job>,
+    threads: usize,
 }
 
 impl std::fmt::Debug for Readers {
@@ -40,8 +43,9 @@ impl Readers {
     }
 
     pub fn with_threads(threads: usize) -> Result<Self, StoreError> {
+        let threads = threads.max(1);
         let (jobs, queue) = flume::unbounded::<Job>();
-        for i in 0..threads.max(1) {
+        for i in 0..threads {
             let queue = queue.clone();
             std::thread::Builder::new()
                 .name("cavi-reader".into())
@@ -61,7 +65,45 @@ impl Readers {
                     StoreError::Unavailable(format!("cannot start the storage readers: {e}"))
                 })?;
         }
-        Ok(Self { jobs })
+        Ok(Self { jobs, threads })
+    }
+
+    /// How many reads run at once.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs every read of `reads` on the reader threads, as many at once
+    /// as there are threads, and blocks until all are done: for a thread
+    /// outside the async runtime (the storage writer), never inside it.
+    pub fn run_all_blocking<T: Send + 'static>(
+        &self,
+        reads: Vec<impl FnOnce() -> T + Send + 'static>,
+    ) -> Result<Vec<T>, StoreError> {
+        let answers: Vec<_> = reads
+            .into_iter()
+            .map(|read| {
+                let (done, answer) = oneshot::channel();
+                self.jobs
+                    .send(Box::new(move || {
+                        let _ = done.send(read());
+                    }))
+                    .map(|()| answer)
+            })
+            .collect();
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer
+                    .map_err(|_| {
+                        StoreError::Unavailable("the storage readers have stopped".into())
+                    })?
+                    .blocking_recv()
+                    .map_err(|_| {
+                        StoreError::Unavailable("a read failed on the storage reader".into())
+                    })
+            })
+            .collect()
     }
 
     /// Runs `read` on a reader thread and waits for what it returns. A
@@ -110,6 +152,47 @@ mod tests {
         let sums = futures::future::join_all((0..100u64).map(|i| readers.run(move || i * 2))).await;
         let total: u64 = sums.into_iter().map(Result::unwrap).sum();
         assert_eq!(total, 9900);
+    }
+
+    #[test]
+    fn reads_run_all_at_once_from_a_thread_outside_the_runtime() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let readers = Readers::with_threads(3).unwrap();
+        assert_eq!(readers.threads(), 3);
+        // Each read arrives, then waits (bounded) for the other two: all
+        // three see the others only if they run at the same time.
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let reads: Vec<_> = (0..3u32)
+            .map(|i| {
+                let arrived = arrived.clone();
+                move || {
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while arrived.load(Ordering::SeqCst) < 3 && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    let together = arrived.load(Ordering::SeqCst) == 3;
+                    (
+                        i,
+                        together,
+                        std::thread::current().name().map(str::to_owned),
+                    )
+                }
+            })
+            .collect();
+        let done = readers.run_all_blocking(reads).unwrap();
+        for (i, (n, together, name)) in done.into_iter().enumerate() {
+            assert_eq!(n as usize, i, "answers in the order of the reads");
+            assert!(together, "read {i} ran alone");
+            assert_eq!(name.as_deref(), Some("cavi-reader"));
+        }
+        let failed = readers.run_all_blocking(vec![|| -> u32 { panic!("a broken read") }]);
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
     }
 
     type Stuck<'a> = std::pin::Pin<Box<dyn Future<Output = Result<bool, StoreError>> + 'a>>;

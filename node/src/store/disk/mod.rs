@@ -91,12 +91,18 @@ impl DiskOptions {
     }
 }
 
-/// Injected faults: a delay before every commit (a slow disk) and a number
-/// of commits to fail as if the disk were full. Zero by default.
+/// Injected faults: a delay before every commit (a slow disk), a number
+/// of commits to fail as if the disk were full, and a delay for every
+/// lookup of a written key's previous size (a disk slow to read). Zero by
+/// default.
 #[derive(Debug, Default)]
 pub struct Faults {
     pub commit_delay_ms: AtomicU64,
     pub failing_commits: AtomicU64,
+    pub lookup_delay_ms: AtomicU64,
+    /// While lookups are delayed: how many ran at once, at most.
+    pub most_lookups_at_once: AtomicU64,
+    lookups_now: AtomicU64,
 }
 
 impl Faults {
@@ -112,6 +118,18 @@ impl Faults {
             faults.commit_delay_ms.store(ms, Ordering::Relaxed);
         }
         Arc::new(faults)
+    }
+
+    /// Waits as a lookup on a slow disk would, if a delay is injected.
+    fn slow_lookup(&self) {
+        let delay = self.lookup_delay_ms.load(Ordering::Relaxed);
+        if delay == 0 {
+            return;
+        }
+        let now = self.lookups_now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_lookups_at_once.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(delay));
+        self.lookups_now.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Fails as a full disk would, if a failure is still to be injected.
@@ -195,10 +213,11 @@ impl DiskStore {
             faults: options.faults.clone(),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = writer::spawn(shared.clone(), options, counts, rx)?;
+        let readers = Readers::start()?;
+        let writer = writer::spawn(shared.clone(), options, counts, readers.clone(), rx)?;
         Ok(Self {
             shared,
-            readers: Readers::start()?,
+            readers,
             writes: Some(tx),
             writer: Some(writer),
             room: Arc::new(Semaphore::new(options.max_queued_writes.max(1))),
@@ -633,6 +652,48 @@ mod tests {
         s.put("k", "22").await.expect("put after recovery");
         assert_eq!((s.len(), s.bytes()), (1, 3));
         assert_eq!(get(&s, "k").as_deref(), Some("22"));
+    }
+
+    /// Overwrites of keys only on disk, on a disk slow to read: after the
+    /// first slow lookup, the batch's other keys are looked up on the
+    /// readers several at once, and the counts stay exact.
+    #[tokio::test]
+    async fn slow_lookups_of_a_batch_run_on_the_readers_at_once_and_count_exactly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut options = DiskOptions::new(dir.path());
+        let faults = Arc::new(Faults::default());
+        options.faults = faults.clone();
+        let keys: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
+        {
+            let s = DiskStore::open(&options).expect("open");
+            for k in &keys {
+                s.put(k, "v").await.expect("put");
+            }
+        }
+        // Reopened, the writer knows no key's size: each is on disk only.
+        let s = DiskStore::open(&options).expect("reopen");
+        faults.lookup_delay_ms.store(20, Ordering::Relaxed);
+        let mut ops: Vec<WriteOp> = keys
+            .iter()
+            .map(|k| WriteOp::Put(k.clone(), "vvv".into()))
+            .collect();
+        ops.extend([
+            WriteOp::Put("k05".into(), "x".into()),
+            WriteOp::Delete("k10".into()),
+            WriteOp::Delete("absent".into()),
+            WriteOp::Put("new".into(), "1".into()),
+        ]);
+        s.write(ops).await.expect("the batch");
+        let at_once = faults.most_lookups_at_once.load(Ordering::SeqCst);
+        assert!(at_once >= 2, "{at_once} lookups at once, at most");
+        // 38 keys of 3 + 3 bytes, k05 of 3 + 1, `new` of 3 + 1.
+        let exact = (40, 38 * 6 + 4 + 4);
+        assert_eq!((s.len(), s.bytes()), exact);
+        faults.lookup_delay_ms.store(0, Ordering::Relaxed);
+        drop(s);
+        let s = DiskStore::open(&options).expect("reopen");
+        assert_eq!((s.len(), s.bytes()), exact);
+        assert_eq!(all_keys(&s).len(), 40);
     }
 
     #[tokio::test]

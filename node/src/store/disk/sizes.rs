@@ -61,6 +61,11 @@ impl RecentSizes {
         Ok(before)
     }
 
+    /// Whether the key's size is recorded.
+    pub(super) fn knows(&self, key: &str) -> bool {
+        self.newer.contains_key(key) || self.older.contains_key(key)
+    }
+
     /// Called before each batch: a full newer generation becomes the older
     /// one. Never within a batch, so every key a batch wrote is known to
     /// its later writes of the same key (the newer generation can outgrow

@@ -2,6 +2,8 @@
 //! one synced fjall batch with the counts, answers every one of them, and
 //! after a failed commit reopens the database until a probe write works.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, mpsc};
 use std::thread::JoinHandle;
@@ -12,9 +14,15 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::engine::{COUNTS, Counts, Engine, PROBE, io_error, load_counts, open_engine};
 use super::sizes::RecentSizes;
-use super::{DiskOptions, Shared};
+use super::{DiskOptions, Faults, Shared};
 use crate::store::sched::schedule_as_batch;
-use crate::store::{CommitObserver, StoreError, Tap, WriteOp};
+use crate::store::{CommitObserver, Readers, StoreError, Tap, WriteOp};
+
+/// Time a batch may spend on lookups of previous sizes, one after
+/// another, before the rest of its unknown keys are looked up on the
+/// readers at once: enough for a hundred lookups the memtable or a bloom
+/// filter answers, a few that read the disk.
+const LOOK_AHEAD_AFTER: Duration = Duration::from_micros(100);
 
 /// A queued write's answer, and its room in the queue (given back once
 /// the write is committed, not when the writer picks it up).
@@ -40,6 +48,7 @@ pub(super) fn spawn(
     shared: Arc<Shared>,
     options: &DiskOptions,
     counts: Counts,
+    readers: Readers,
     queue: mpsc::Receiver<Msg>,
 ) -> Result<JoinHandle<()>, StoreError> {
     let writer = Writer {
@@ -49,6 +58,7 @@ pub(super) fn spawn(
         tap: None,
         commits: options.commits.clone(),
         recent: RecentSizes::new(options.recent_sizes_bytes),
+        readers,
     };
     std::thread::Builder::new()
         .name("cavi-writer".into())
@@ -71,6 +81,8 @@ struct Writer {
     commits: Option<Arc<dyn CommitObserver>>,
     /// Sizes the writer wrote last, for the exact counts.
     recent: RecentSizes,
+    /// The store's reader threads, for lookups ahead.
+    readers: Readers,
 }
 
 impl Writer {
@@ -147,7 +159,10 @@ impl Writer {
         let mut counts = self.counts;
         self.recent.make_room();
         let mut fjall_batch = engine.db.batch().durability(Some(PersistMode::SyncData));
-        for op in batch {
+        // Sizes looked up ahead, once this batch's lookups have been slow.
+        let mut ahead: Option<HashMap<String, Option<u64>>> = None;
+        let mut looking = Duration::ZERO;
+        for (i, op) in batch.iter().enumerate() {
             let key = op.key();
             let after = match op {
                 WriteOp::Put(k, v) => {
@@ -160,12 +175,17 @@ impl Writer {
                 }
             };
             let before = self.recent.replace(key, after, || {
-                Ok(engine
-                    .data
-                    .size_of(key)
-                    .map_err(|e| io_error("cannot read", dir, &e))?
-                    .map(|v| u64::from(v) + key.len() as u64))
+                if let Some(size) = ahead.as_ref().and_then(|a| a.get(key)) {
+                    return Ok(*size);
+                }
+                let started = Instant::now();
+                let size = previous_size(&engine, key, &shared.faults, dir);
+                looking += started.elapsed();
+                size
             })?;
+            if ahead.is_none() && looking >= LOOK_AHEAD_AFTER {
+                ahead = Some(self.look_ahead(&engine, &batch[i + 1..])?);
+            }
             if let Some(b) = before {
                 counts.keys -= 1;
                 counts.bytes -= b;
@@ -192,6 +212,50 @@ impl Writer {
         shared.bytes.store(counts.bytes, Ordering::Relaxed);
         shared.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The sizes before this batch of the keys in `rest` that `recent`
+    /// does not know, looked up on the reader threads, as many at once as
+    /// there are. One after another in the writer, a batch of keys that
+    /// are only on disk waits for each read in turn: on a disk that takes
+    /// a millisecond a read, a thousand writes a second.
+    fn look_ahead(
+        &self,
+        engine: &Arc<Engine>,
+        rest: &[WriteOp],
+    ) -> Result<HashMap<String, Option<u64>>, StoreError> {
+        let mut keys: Vec<&str> = rest
+            .iter()
+            .map(WriteOp::key)
+            .filter(|k| !self.recent.knows(k))
+            .collect();
+        // In key order, so that each reader reads nearby keys.
+        keys.sort_unstable();
+        keys.dedup();
+        let mut ahead = HashMap::with_capacity(keys.len());
+        if keys.is_empty() {
+            return Ok(ahead);
+        }
+        let per_reader = keys.len().div_ceil(self.readers.threads());
+        let reads: Vec<_> = keys
+            .chunks(per_reader)
+            .map(|chunk| {
+                let keys: Vec<String> = chunk.iter().map(|k| (*k).to_owned()).collect();
+                let (engine, shared) = (engine.clone(), self.shared.clone());
+                move || {
+                    keys.into_iter()
+                        .map(|k| {
+                            let size = previous_size(&engine, &k, &shared.faults, &shared.dir)?;
+                            Ok((k, size))
+                        })
+                        .collect::<Result<Vec<_>, StoreError>>()
+                }
+            })
+            .collect();
+        for found in self.readers.run_all_blocking(reads)? {
+            ahead.extend(found?);
+        }
+        Ok(ahead)
     }
 
     /// After a failed commit: fail what is queued meanwhile (the store's
@@ -265,4 +329,19 @@ impl Writer {
             .commit()
             .map_err(|e| io_error("probe write failed in", dir, &e))
     }
+}
+
+/// A key's size (key and value bytes) in the engine, `None` if absent.
+fn previous_size(
+    engine: &Engine,
+    key: &str,
+    faults: &Faults,
+    dir: &Path,
+) -> Result<Option<u64>, StoreError> {
+    faults.slow_lookup();
+    Ok(engine
+        .data
+        .size_of(key)
+        .map_err(|e| io_error("cannot read", dir, &e))?
+        .map(|v| u64::from(v) + key.len() as u64))
 }

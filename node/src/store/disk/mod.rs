@@ -155,6 +155,8 @@ struct Shared {
     keys: AtomicU64,
     bytes: AtomicU64,
     syncs: AtomicU64,
+    /// Batches whose unknown keys were looked up on the readers.
+    looked_ahead: AtomicU64,
     faults: Arc<Faults>,
 }
 
@@ -210,6 +212,7 @@ impl DiskStore {
             keys: AtomicU64::new(counts.keys),
             bytes: AtomicU64::new(counts.bytes),
             syncs: AtomicU64::new(0),
+            looked_ahead: AtomicU64::new(0),
             faults: options.faults.clone(),
         });
         let (tx, rx) = mpsc::channel();
@@ -230,6 +233,12 @@ impl DiskStore {
     /// Synced commits since the store was opened.
     pub fn syncs(&self) -> u64 {
         self.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Batches since the store was opened whose lookups of previous sizes
+    /// were slow enough to go to the readers.
+    pub fn looked_ahead(&self) -> u64 {
+        self.shared.looked_ahead.load(Ordering::Relaxed)
     }
 
     fn submit(&self, ops: Vec<WriteOp>) -> WriteAck {
@@ -686,6 +695,7 @@ mod tests {
         s.write(ops).await.expect("the batch");
         let at_once = faults.most_lookups_at_once.load(Ordering::SeqCst);
         assert!(at_once >= 2, "{at_once} lookups at once, at most");
+        assert_eq!(s.looked_ahead(), 1);
         // 38 keys of 3 + 3 bytes, k05 of 3 + 1, `new` of 3 + 1.
         let exact = (40, 38 * 6 + 4 + 4);
         assert_eq!((s.len(), s.bytes()), exact);

@@ -18,11 +18,15 @@ use super::{DiskOptions, Faults, Shared};
 use crate::store::sched::schedule_as_batch;
 use crate::store::{CommitObserver, Readers, StoreError, Tap, WriteOp};
 
-/// Time a batch may spend on lookups of previous sizes, one after
-/// another, before the rest of its unknown keys are looked up on the
-/// readers at once: enough for a hundred lookups the memtable or a bloom
-/// filter answers, a few that read the disk.
-const LOOK_AHEAD_AFTER: Duration = Duration::from_micros(100);
+/// A lookup of a previous size that takes this long read the disk: the
+/// memtable or a bloom filter answers in a few microseconds.
+const SLOW_LOOKUP: Duration = Duration::from_micros(50);
+
+/// Slow lookups a batch makes one after another before the rest of its
+/// unknown keys are looked up on the readers at once. More than one, so
+/// that a writer descheduled during a single lookup does not count as a
+/// slow disk.
+const LOOK_AHEAD_AFTER: u32 = 2;
 
 /// A queued write's answer, and its room in the queue (given back once
 /// the write is committed, not when the writer picks it up).
@@ -161,7 +165,7 @@ impl Writer {
         let mut fjall_batch = engine.db.batch().durability(Some(PersistMode::SyncData));
         // Sizes looked up ahead, once this batch's lookups have been slow.
         let mut ahead: Option<HashMap<String, Option<u64>>> = None;
-        let mut looking = Duration::ZERO;
+        let mut slow_lookups = 0;
         for (i, op) in batch.iter().enumerate() {
             let key = op.key();
             let after = match op {
@@ -180,10 +184,13 @@ impl Writer {
                 }
                 let started = Instant::now();
                 let size = previous_size(&engine, key, &shared.faults, dir);
-                looking += started.elapsed();
+                if started.elapsed() >= SLOW_LOOKUP {
+                    slow_lookups += 1;
+                }
                 size
             })?;
-            if ahead.is_none() && looking >= LOOK_AHEAD_AFTER {
+            if ahead.is_none() && slow_lookups >= LOOK_AHEAD_AFTER {
+                shared.looked_ahead.fetch_add(1, Ordering::Relaxed);
                 ahead = Some(self.look_ahead(&engine, &batch[i + 1..])?);
             }
             if let Some(b) = before {

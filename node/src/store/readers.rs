@@ -73,47 +73,14 @@ impl Readers {
         self.threads
     }
 
-    /// Runs every read of `reads` on the reader threads, as many at once
-    /// as there are threads, and blocks until all are done: for a thread
-    /// outside the async runtime (the storage writer), never inside it.
-    pub fn run_all_blocking<T: Send + 'static>(
-        &self,
-        reads: Vec<impl FnOnce() -> T + Send + 'static>,
-    ) -> Result<Vec<T>, StoreError> {
-        let answers: Vec<_> = reads
-            .into_iter()
-            .map(|read| {
-                let (done, answer) = oneshot::channel();
-                self.jobs
-                    .send(Box::new(move || {
-                        let _ = done.send(read());
-                    }))
-                    .map(|()| answer)
-            })
-            .collect();
-        answers
-            .into_iter()
-            .map(|answer| {
-                answer
-                    .map_err(|_| {
-                        StoreError::Unavailable("the storage readers have stopped".into())
-                    })?
-                    .blocking_recv()
-                    .map_err(|_| {
-                        StoreError::Unavailable("a read failed on the storage reader".into())
-                    })
-            })
-            .collect()
-    }
-
-    /// Runs `read` on a reader thread and waits for what it returns. A
-    /// read whose caller stopped waiting before a reader took it (its
-    /// request timed out behind reads stuck on the disk, or its client
-    /// left) is dropped unread.
-    pub async fn run<T: Send + 'static>(
+    /// Queues `read` for a reader; its answer comes on the receiver. A
+    /// read whose receiver is gone before a reader takes it (its request
+    /// timed out behind reads stuck on the disk, or its client left) is
+    /// dropped unread.
+    fn queue<T: Send + 'static>(
         &self,
         read: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, StoreError> {
+    ) -> Result<oneshot::Receiver<T>, StoreError> {
         let (done, answer) = oneshot::channel();
         self.jobs
             .send(Box::new(move || {
@@ -122,10 +89,36 @@ impl Readers {
                 }
             }))
             .map_err(|_| StoreError::Unavailable("the storage readers have stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("a read failed on the storage reader".into()))
+        Ok(answer)
     }
+
+    /// Runs every read of `reads` on the reader threads, as many at once
+    /// as there are threads, and blocks until all are done: for a thread
+    /// outside the async runtime (the storage writer), never inside it.
+    pub fn run_all_blocking<T: Send + 'static>(
+        &self,
+        reads: Vec<impl FnOnce() -> T + Send + 'static>,
+    ) -> Result<Vec<T>, StoreError> {
+        let answers: Vec<_> = reads.into_iter().map(|read| self.queue(read)).collect();
+        answers
+            .into_iter()
+            .map(|answer| answer?.blocking_recv().map_err(|_| read_failed()))
+            .collect()
+    }
+
+    /// Runs `read` on a reader thread and waits for what it returns (a
+    /// read nobody waits for any more is dropped unread, see `queue`).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        read: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.queue(read)?.await.map_err(|_| read_failed())
+    }
+}
+
+/// A read that panicked: its answer was dropped.
+fn read_failed() -> StoreError {
+    StoreError::Unavailable("a read failed on the storage reader".into())
 }
 
 #[cfg(test)]

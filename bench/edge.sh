@@ -27,7 +27,8 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Ports outside the ephemeral range, all different (scripts/free_port.py).
+free_port() { python3 scripts/free_port.py "$work/ports"; }
 # node NAME [ARGS...]: a one-shard node on a free port; sets port.
 node() {
   port=$(free_port)

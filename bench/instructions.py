@@ -21,7 +21,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,17 @@ VALUE = json.dumps({"value": "v" * 100})
 JSON = {"content-type": "application/json"}
 
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from free_port import free_port as pick_port  # noqa: E402
+
+# Ports handed out in this run: all different, none in the ephemeral range.
+GIVEN = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    port = pick_port(GIVEN)
+    GIVEN.add(port)
+    return port
 
 
 def wait_ready(port, path, proc, timeout=120, method="GET", log=None):

@@ -76,7 +76,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Ports outside the ephemeral range, all different (scripts/free_port.py).
+free_port() { python3 scripts/free_port.py "$work/ports"; }
 
 # serve NAME CMD...: start a server pinned to the server core.
 serve() {

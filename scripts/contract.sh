@@ -38,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() { "$python" "$root/scripts/free_port.py" "$work/ports"; }
 p0="$(free_port)"
 p1="$(free_port)"
 cat >"$work/config.yaml" <<YAML

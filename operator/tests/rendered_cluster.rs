@@ -4,17 +4,15 @@
 //! a StatefulSet-style hostname, forward to each other and fan out search.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cavi_node::config::ClusterConfig;
+use cavi_node::testkit::process::free_port;
 use cavi_operator::build::{BuildOptions, CONFIG_KEY, Children};
 use cavi_operator::crd::CaviCluster;
-use common::free_port;
 use serde_json::{Value, json};
 
 /// `target/<profile>/kvstore-api`, next to this test's `deps/` directory.

@@ -5,8 +5,6 @@
 //! `/metrics`, and on SIGTERM stops and gives the lease up.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +13,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use common::free_port;
+use cavi_node::testkit::process::free_port;
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone)]

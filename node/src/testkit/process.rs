@@ -3,6 +3,7 @@
 use std::io::Read;
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -23,12 +24,43 @@ pub fn node_binary() -> std::path::PathBuf {
     profile.join(format!("kvstore-api{}", std::env::consts::EXE_SUFFIX))
 }
 
+/// A loopback port for a server the test starts, that nothing listens on.
+///
+/// Not one `bind(0)` hands out: those come from the kernel's ephemeral
+/// range, where every outgoing connection takes its local port from, so
+/// between the pick and the server's bind a connection of a test running
+/// alongside can take it, and the server fails with "Address already in
+/// use". Ports below that range are held only by listeners. Each process
+/// picks in its own slice of them, by its pid, so that tests the runner
+/// starts together do not pick the same port either.
 pub fn free_port() -> u16 {
+    const LOWEST: u32 = 10_000;
+    const SLICE: u32 = 64;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let slices = ephemeral_low().saturating_sub(LOWEST) / SLICE;
+    if slices > 0 {
+        let base = LOWEST + std::process::id() % slices * SLICE;
+        for _ in 0..SLICE {
+            let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % SLICE;
+            let port = u16::try_from(port).expect("below the ephemeral range");
+            if StdListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A child process that is killed when the test ends, pass or fail.
@@ -255,5 +287,24 @@ impl NodeProc {
 impl Drop for NodeProc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_come_from_below_the_ephemeral_range_all_different_and_free() {
+        let low = ephemeral_low();
+        let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "{ports:?}");
+        for port in ports {
+            assert!(u32::from(port) < low, "{port} is in the ephemeral range");
+            StdListener::bind(("127.0.0.1", port)).unwrap();
+        }
     }
 }

@@ -76,11 +76,12 @@ struct Conn {
 /// Asks one connection to close: when the cap needs its slot, or when the
 /// node drains.
 ///
-/// Why not a `Notify` (or a `watch` for the drain): the connection's task
-/// polls its close signal every time it runs, once or twice a request, and
-/// a `Notified` takes its notifier's lock on every poll: about 390
-/// instructions of a 21,700-instruction PUT, measured with callgrind. This
-/// is a flag and a waker slot, a load and two compare-and-swaps a poll.
+/// Why not a `Notify` (and a `watch` for the drain, as before): the
+/// connection's task polls its close signals every time it runs, once or
+/// twice a request, and a `Notified` takes its notifier's lock on every
+/// poll. This is a flag and a waker slot, a load and two compare-and-swaps
+/// a poll; the change saved 523 of a local GET's 19,015 instructions and
+/// 781 of a memory PUT's 25,687 (callgrind).
 #[derive(Default)]
 struct CloseSignal {
     closed: AtomicBool,

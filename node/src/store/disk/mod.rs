@@ -462,11 +462,17 @@ mod tests {
         DiskStore::open(&DiskOptions::new(dir)).expect("open")
     }
 
-    /// A store whose commits can be made to fail.
-    fn open_with_faults(dir: &Path) -> (DiskStore, Arc<Faults>) {
+    /// Options whose faults the test injects through the handle returned.
+    fn options_with_faults(dir: &Path) -> (DiskOptions, Arc<Faults>) {
         let mut options = DiskOptions::new(dir);
         let faults = Arc::new(Faults::default());
         options.faults = faults.clone();
+        (options, faults)
+    }
+
+    /// A store whose commits can be made to fail.
+    fn open_with_faults(dir: &Path) -> (DiskStore, Arc<Faults>) {
+        let (options, faults) = options_with_faults(dir);
         (DiskStore::open(&options).expect("open"), faults)
     }
 
@@ -669,9 +675,7 @@ mod tests {
     #[tokio::test]
     async fn slow_lookups_of_a_batch_run_on_the_readers_at_once_and_count_exactly() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut options = DiskOptions::new(dir.path());
-        let faults = Arc::new(Faults::default());
-        options.faults = faults.clone();
+        let (options, faults) = options_with_faults(dir.path());
         let keys: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
         {
             let s = DiskStore::open(&options).expect("open");
@@ -738,10 +742,8 @@ mod tests {
     async fn each_commit_is_reported_with_its_writes_and_a_failed_one_is_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         let recorded = Arc::new(Recorded::default());
-        let faults = Arc::new(Faults::default());
-        let mut options = DiskOptions::new(dir.path());
+        let (mut options, faults) = options_with_faults(dir.path());
         options.commits = Some(recorded.clone());
-        options.faults = faults.clone();
         let s = DiskStore::open(&options).expect("open");
         put_at_once(&s, 300).await;
         s.write(vec![

@@ -15,14 +15,9 @@ use cavi_operator::build::{BuildOptions, CONFIG_KEY, Children};
 use cavi_operator::crd::CaviCluster;
 use serde_json::{Value, json};
 
-/// `target/<profile>/kvstore-api`, next to this test's `deps/` directory.
+/// The node binary beside this test (the testkit finds it), which must be built.
 fn node_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join(format!("kvstore-api{}", std::env::consts::EXE_SUFFIX));
+    let bin = cavi_node::testkit::process::node_binary();
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build -p cavi-node` first (`cargo test --workspace` builds it)",
